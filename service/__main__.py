@@ -1,0 +1,58 @@
+"""`python -m service` runs the bridge; `python -m service check-config` validates and prints settings.
+
+Exit codes: 0 after a clean stop, 2 for invalid settings (every problem is listed), 1 when the
+service stopped because it could not keep its delivery promise (nothing past it was committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from .app import install_signal_handlers, run, secrets_of
+from .deadletter import Redactor
+from .errors import BridgeError
+from .observability import configure_logging
+from .settings import Settings, SettingsError, load_settings
+
+
+def _check_config(settings: Settings) -> int:
+    # SecretStr fields dump as "**********", so this is safe to paste into a ticket.
+    print(json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=True))
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await run(settings, stop)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "run"
+    if command not in ("run", "check-config"):
+        print(f"unknown command {command!r}; use: python -m service [run|check-config]", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"inference-bridge: {exc}", file=sys.stderr)
+        return 2
+    if command == "check-config":
+        return _check_config(settings)
+    obs = settings.observability
+    configure_logging(obs.log_level, obs.log_format, Redactor(secrets_of(settings)))
+    try:
+        asyncio.run(_serve(settings))
+    except BridgeError as exc:
+        print(f"inference-bridge: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the broker refused the first connection
+        print(f"inference-bridge: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""The composition root: builds every part once from `Settings`, runs the loop, tears down in order.
+
+Nothing else constructs clients or reads settings. Teardown runs in reverse through one
+`AsyncExitStack`: the loop drains and commits first, then the consumer leaves its group, then the
+dead-letter producer flushes, then the HTTP clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from contextlib import AsyncExitStack
+
+import httpx
+
+from .breaker import Breaker
+from .codec import AvroCodec, SchemaSet
+from .consumer import ConsumerLoop, LoopSettings
+from .deadletter import DeadLetterWriter, Redactor
+from .delivery import Delivery
+from .events import EventKind
+from .httpclient import HttpxClient
+from .kafka_clients import KafkaDeadLetterProducer, build_consumer
+from .pipeline import Pipeline
+from .registry import SchemaRegistry
+from .routes import Destination, Router
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value the process knows, for the redactor."""
+    values = [settings.openlayer.api_key.get_secret_value(), settings.humanloop.api_key.get_secret_value()]
+    for secret in (settings.kafka.sasl_password, settings.schema_registry.password):
+        if secret is not None:
+            values.append(secret.get_secret_value())
+    return values
+
+
+def topic_kinds(settings: Settings) -> dict[str, EventKind]:
+    t = settings.topics
+    return {t.inferences: EventKind.INFERENCE, t.row_updates: EventKind.ROW_UPDATE, t.log_updates: EventKind.LOG_UPDATE}
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until `stop` is set; raises `FatalError` if the service cannot keep its delivery promise."""
+    rng = random.Random()
+    d = settings.delivery
+    kinds = topic_kinds(settings)
+    async with AsyncExitStack() as stack:
+        http = HttpxClient(
+            connect_timeout_s=d.connect_timeout_s, read_timeout_s=d.read_timeout_s, max_connections=d.max_connections
+        )
+        stack.push_async_callback(http.aclose)
+
+        registry = None
+        sr = settings.schema_registry
+        if sr.url is not None:
+            registry_http = httpx.AsyncClient(timeout=httpx.Timeout(d.read_timeout_s, connect=d.connect_timeout_s))
+            stack.push_async_callback(registry_http.aclose)
+            registry = SchemaRegistry(
+                registry_http,
+                sr.url,
+                username=sr.username,
+                password=sr.password.get_secret_value() if sr.password else None,
+            )
+        codec = AvroCodec(SchemaSet.from_dir(settings.schemas_dir), registry, sr.wire_format)
+
+        breakers = {
+            dest: Breaker(
+                dest.value,
+                threshold=d.breaker_threshold,
+                initial_pause_s=d.initial_backoff_s,
+                max_pause_s=d.max_backoff_s,
+                rng=rng,
+            )
+            for dest in Destination
+        }
+        delivery = Delivery(
+            http,
+            d,
+            {
+                Destination.OPENLAYER: {"authorization": f"Bearer {settings.openlayer.api_key.get_secret_value()}"},
+                Destination.HUMANLOOP: {"x-api-key": settings.humanloop.api_key.get_secret_value()},
+            },
+            breakers,
+            rng=rng,
+        )
+        ol = settings.openlayer
+        router = Router(
+            openlayer_base_url=ol.base_url,
+            humanloop_base_url=settings.humanloop.base_url,
+            pipeline_configs=ol.pipeline_configs,
+            default_config=ol.default_config,
+            inference_id_column=ol.inference_id_column,
+        )
+
+        producer = KafkaDeadLetterProducer(settings.kafka, settings.dead_letter.send_timeout_s)
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        dead_letters = DeadLetterWriter(
+            producer,
+            topic_for=settings.topics.dead_letter_topic,
+            group_id=settings.kafka.group_id,
+            redact=Redactor(secrets_of(settings)),
+            attempts=settings.dead_letter.send_attempts,
+        )
+        await dead_letters.prepare(kinds)
+
+        pipeline = Pipeline(codec, router, delivery, dead_letters, kinds, rng=rng, max_backoff_s=d.max_backoff_s)
+        consumer = build_consumer(settings.kafka)
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        loop = ConsumerLoop(
+            consumer,
+            pipeline.prepare,
+            LoopSettings(
+                max_in_flight_per_partition=d.max_in_flight_per_partition,
+                max_buffered_per_partition=d.max_buffered_per_partition,
+                commit_interval_s=settings.kafka.commit_interval_s,
+                drain_timeout_s=d.drain_timeout_s,
+                max_poll_records=settings.kafka.max_poll_records,
+            ),
+        )
+        loop.subscribe(list(kinds))
+        log.info("running", extra={"topics": list(kinds), "group_id": settings.kafka.group_id})
+        await loop.run(stop)
+        log.info(
+            "stopped cleanly",
+            extra={"committed": {f"{tp.topic}-{tp.partition}": o for tp, o in loop.committed.items()}},
+        )
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT ask for a clean stop; a second one while draining is not needed (the drain is bounded)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)

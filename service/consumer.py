@@ -1,0 +1,232 @@
+"""The Kafka loop: fetch, hand records to per-partition workers, commit the done prefix, stop cleanly.
+
+It knows nothing of Avro or HTTP: a record becomes `Work` through the injected `prepare`, and
+`Work.run` returns when the record is durable. Per partition, records are prepared in offset order
+and same-key work runs in that order, while different keys overlap up to a bound. Commits are
+`offset+1` of the contiguous done prefix, on a timer, on revoke and at stop, and only for partitions
+this member still owns. A partition whose backlog is full is paused, so a stalled API never makes
+the process buffer the topic; the loop keeps polling, so the member stays in its group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from .errors import FatalError
+from .offsets import OffsetTracker
+from .records import Prepare, SourceRecord, Work
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    max_in_flight_per_partition: int
+    max_buffered_per_partition: int
+    commit_interval_s: float
+    drain_timeout_s: float
+    max_poll_records: int
+    poll_timeout_ms: int = 200
+
+
+class PartitionWorker:
+    """Runs one partition's records: prepared in order, same key in order, bounded concurrency."""
+
+    def __init__(self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, loop: ConsumerLoop) -> None:
+        self.tp = tp
+        self.tracker = OffsetTracker()
+        self._prepare = prepare
+        self._loop = loop
+        self._queue: deque[SourceRecord] = deque()
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tails: dict[Hashable, asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
+
+    @property
+    def backlog(self) -> int:
+        """Records taken from Kafka and not yet done (queued or in flight)."""
+        return self.tracker.pending
+
+    def push(self, records: Sequence[SourceRecord]) -> None:
+        for record in records:
+            self.tracker.add(record.offset)
+            self._queue.append(record)
+        self._arrived.set()
+
+    async def _feed(self) -> None:
+        try:
+            while True:
+                while not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                record = self._queue.popleft()
+                work = await self._prepare(record)
+                await self._slots.acquire()
+                task = asyncio.create_task(self._execute(work, record.offset, self._tails.get(work.key)))
+                self._tails[work.key] = task
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001  # prepare promises not to raise; if it does, stop
+            self._loop.fail(exc)
+
+    async def _execute(self, work: Work, offset: int, previous: asyncio.Task[None] | None) -> None:
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # order only; its outcome is its own
+            await work.run()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001  # a FatalError: the loop stops, nothing is committed past it
+            self._loop.fail(exc)
+        else:
+            self.tracker.done(offset)
+        finally:
+            self._slots.release()
+            if self._tails.get(work.key) is asyncio.current_task():
+                del self._tails[work.key]
+
+    async def stop(self, timeout_s: float) -> None:
+        """Take no new records, give in-flight work `timeout_s` to finish, cancel the rest."""
+        self._feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._feeder
+        self._queue.clear()
+        if self._running:
+            _, unfinished = await asyncio.wait(set(self._running), timeout=timeout_s)
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                log.warning(
+                    "cancelled unfinished records; they will be read again",
+                    extra={"topic": self.tp.topic, "partition": self.tp.partition, "count": len(unfinished)},
+                )
+                await asyncio.wait(unfinished)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, loop: ConsumerLoop) -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
+        await self._loop.release(revoked)
+
+    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
+
+
+class ConsumerLoop:
+    def __init__(self, consumer: AIOKafkaConsumer, prepare: Prepare, settings: LoopSettings) -> None:
+        self._consumer = consumer
+        self._prepare = prepare
+        self._settings = settings
+        self._workers: dict[TopicPartition, PartitionWorker] = {}
+        self._paused: set[TopicPartition] = set()
+        self._committed: dict[TopicPartition, int] = {}
+        self._fatal: BaseException | None = None
+        self._wake = asyncio.Event()
+
+    def subscribe(self, topics: Sequence[str]) -> None:
+        self._consumer.subscribe(list(topics), listener=_Rebalance(self))
+
+    def fail(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            log.error("stopping: a record could not be brought to a durable outcome", exc_info=exc)
+            self._fatal = exc
+        self._wake.set()
+
+    @property
+    def committed(self) -> Mapping[TopicPartition, int]:
+        return self._committed
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; raises `FatalError` after a clean drain if a record failed fatally."""
+        next_commit = time.monotonic() + self._settings.commit_interval_s
+        try:
+            while not stop.is_set() and self._fatal is None:
+                batches = await self._consumer.getmany(
+                    timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_poll_records
+                )
+                for tp, records in batches.items():
+                    if records:
+                        self._worker(tp).push([_source(r) for r in records])
+                self._apply_backpressure()
+                if time.monotonic() >= next_commit:
+                    await self._commit(self._workers)
+                    next_commit = time.monotonic() + self._settings.commit_interval_s
+        finally:
+            await self.release(list(self._workers))
+        if self._fatal is not None:
+            raise FatalError(f"stopped after a fatal error: {self._fatal}") from self._fatal
+
+    def _worker(self, tp: TopicPartition) -> PartitionWorker:
+        worker = self._workers.get(tp)
+        if worker is None:
+            worker = PartitionWorker(tp, self._prepare, self._settings.max_in_flight_per_partition, self)
+            self._workers[tp] = worker
+        return worker
+
+    def _apply_backpressure(self) -> None:
+        limit = self._settings.max_buffered_per_partition
+        for tp, worker in self._workers.items():
+            if tp not in self._paused and worker.backlog >= limit:
+                self._consumer.pause(tp)
+                self._paused.add(tp)
+            elif tp in self._paused and worker.backlog <= limit // 2:
+                self._consumer.resume(tp)
+                self._paused.discard(tp)
+
+    async def release(self, partitions: Collection[TopicPartition]) -> None:
+        """Drain and commit `partitions` (revoke or stop); afterwards they are no longer ours."""
+        workers = {tp: self._workers.pop(tp) for tp in partitions if tp in self._workers}
+        if not workers:
+            return
+        await asyncio.gather(*(w.stop(self._settings.drain_timeout_s) for w in workers.values()))
+        await self._commit(workers)
+        for tp in workers:
+            self._committed.pop(tp, None)
+            self._paused.discard(tp)
+
+    async def _commit(self, workers: Mapping[TopicPartition, PartitionWorker]) -> None:
+        owned = self._consumer.assignment()
+        offsets = {}
+        for tp, worker in workers.items():
+            target = worker.tracker.committable()
+            if target is not None and tp in owned and self._committed.get(tp) != target:
+                offsets[tp] = target
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # The group rebalanced under us; the new owner re-reads from the last commit.
+            log.warning("commit refused by the group, records will be redelivered", extra={"error": str(exc)})
+            return
+        except KafkaError as exc:
+            log.warning("commit failed, will retry on the next tick", extra={"error": str(exc)})
+            return
+        self._committed.update(offsets)
+
+
+def _source(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
+    return SourceRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple(record.headers),
+        timestamp_ms=record.timestamp,
+    )

@@ -1,0 +1,87 @@
+"""Builds the aiokafka consumer and the dead-letter producer from settings; the only aiokafka factory.
+
+Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both clients.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from .deadletter import DeadLetter
+from .errors import TransientError
+from .settings import KafkaSettings
+
+
+def _security(settings: KafkaSettings) -> dict[str, Any]:
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.ssl_cafile)
+        if settings.ssl_certfile:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+        options["ssl_context"] = context
+    if settings.security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.sasl_mechanism
+        options["sasl_plain_username"] = settings.sasl_username
+        options["sasl_plain_password"] = settings.sasl_password.get_secret_value() if settings.sasl_password else None
+    return options
+
+
+def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.group_id,
+        client_id=settings.client_id,
+        enable_auto_commit=False,  # offsets are committed only after a durable outcome
+        auto_offset_reset=settings.auto_offset_reset,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=settings.max_poll_interval_ms,
+        max_poll_records=settings.max_poll_records,
+        fetch_max_bytes=settings.fetch_max_bytes,
+        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        **_security(settings),
+    )
+
+
+class KafkaDeadLetterProducer:
+    """An idempotent acks=all producer: `send` returns only once the broker has the dead letter."""
+
+    def __init__(self, settings: KafkaSettings, send_timeout_s: float) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=f"{settings.client_id}-dlq",
+            acks="all",
+            enable_idempotence=True,
+            request_timeout_ms=int(send_timeout_s * 1000),
+            **_security(settings),
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def send(self, letter: DeadLetter) -> None:
+        try:
+            await self._producer.send_and_wait(
+                letter.topic,
+                value=letter.value,
+                key=letter.key,
+                partition=letter.partition,
+                timestamp_ms=letter.timestamp_ms,
+                headers=list(letter.headers),
+            )
+        except KafkaError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def partition_count(self, topic: str) -> int:
+        try:
+            partitions = await self._producer.partitions_for(topic)
+        except KafkaError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+        return len(partitions)

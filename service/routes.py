@@ -1,0 +1,185 @@
+"""Routes: pure functions from a typed event to the exact HTTP request its API documents.
+
+No I/O and no secrets: the auth header is added by delivery, so an `ApiRequest` can be logged or
+put in a dead-letter header as it is. Everything a record gets wrong that the API would refuse
+anyway (no config for its pipeline, an update row with no or too many columns, a negative duration)
+is a `RouteError` here, before a call is spent on it.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from .errors import RouteError
+from .events import Event, JsonObject, LogUpdate, NewInference, RowUpdate
+
+MAX_UPDATE_COLUMNS = 100
+"""Update record's `row` has maxProperties 100 (and minProperties 1)."""
+
+# Stable ids for rows published without one: the same record (topic/partition/offset) always
+# gets the same id, so a redelivery after a crash is recognisable downstream (api-spec.md §1.4).
+_INFERENCE_ID_NAMESPACE = uuid.UUID("6f1d2c1e-4b0a-5d7e-9a51-2f3c8b7e1d40")
+
+
+class Destination(StrEnum):
+    OPENLAYER = "openlayer"
+    HUMANLOOP = "humanloop"
+
+
+class Endpoint(StrEnum):
+    PUBLISH = "publish"
+    UPDATE_ROW = "update_row"
+    UPDATE_LOG = "update_log"
+
+    @property
+    def destination(self) -> Destination:
+        return Destination.HUMANLOOP if self is Endpoint.UPDATE_LOG else Destination.OPENLAYER
+
+    @property
+    def is_update(self) -> bool:
+        """Updates address something that may not be ingested yet, so a 404 means "not yet"."""
+        return self is not Endpoint.PUBLISH
+
+
+@dataclass(frozen=True, slots=True)
+class RecordCoordinates:
+    """Where a record came from; enough to derive a stable id and to date a 404 grace window."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    endpoint: Endpoint
+    method: str
+    url: str
+    """Absolute URL without the query string."""
+    params: tuple[tuple[str, str], ...]
+    body: bytes
+    """The JSON body, already serialised."""
+    key: str
+    """What the API call addresses: same-key requests must not overtake each other."""
+
+    @property
+    def destination(self) -> Destination:
+        return self.endpoint.destination
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """Maps events to requests with the operator's base URLs and per-pipeline configs."""
+
+    openlayer_base_url: str
+    humanloop_base_url: str
+    pipeline_configs: Mapping[str, JsonObject]
+    default_config: JsonObject | None
+    inference_id_column: str
+
+    def route(self, event: Event, where: RecordCoordinates) -> ApiRequest:
+        if isinstance(event, NewInference):
+            return self._publish(event, where)
+        if isinstance(event, RowUpdate):
+            return self._update_row(event)
+        return self._update_log(event)
+
+    def publish_config(self, event: NewInference) -> JsonObject:
+        config = event.config or self.pipeline_configs.get(event.pipeline_id) or self.default_config
+        if config is None:
+            raise RouteError(
+                f"no config for pipeline {event.pipeline_id!r}: the record carries none and the operator "
+                "configured neither BRIDGE_OPENLAYER__PIPELINE_CONFIGS for it nor BRIDGE_OPENLAYER__DEFAULT_CONFIG",
+                reason="no-config",
+            )
+        return config
+
+    def _publish(self, event: NewInference, where: RecordCoordinates) -> ApiRequest:
+        config = dict(self.publish_config(event))
+        id_column = config.setdefault("inferenceIdColumnName", self.inference_id_column)
+        if not isinstance(id_column, str) or not id_column:
+            raise RouteError(
+                f"config inferenceIdColumnName must be a column name, got {id_column!r}", reason="invalid-config"
+            )
+        row = dict(event.row)
+        inference_id = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
+        row[id_column] = inference_id
+        return ApiRequest(
+            endpoint=Endpoint.PUBLISH,
+            method="POST",
+            url=f"{self.openlayer_base_url}/inference-pipelines/{_segment(event.pipeline_id)}/data-stream",
+            params=(),
+            body=_json({"rows": [row], "config": config}),
+            key=event.pipeline_id,
+        )
+
+    def _update_row(self, event: RowUpdate) -> ApiRequest:
+        columns = len(event.row)
+        if not 1 <= columns <= MAX_UPDATE_COLUMNS:
+            raise RouteError(
+                f"an update row must have 1..{MAX_UPDATE_COLUMNS} columns, this one has {columns}",
+                reason="row-too-large" if columns else "row-empty",
+            )
+        return ApiRequest(
+            endpoint=Endpoint.UPDATE_ROW,
+            method="PUT",
+            url=f"{self.openlayer_base_url}/inference-pipelines/{_segment(event.pipeline_id)}/rows",
+            params=(("inferenceId", event.inference_id),),
+            body=_json({"row": event.row, "config": event.config}),
+            key=f"{event.pipeline_id}/{event.inference_id}",
+        )
+
+    def _update_log(self, event: LogUpdate) -> ApiRequest:
+        body: dict[str, Any] = {}
+        if event.output is not None:
+            body["output"] = event.output
+        if event.error is not None:
+            body["error"] = event.error
+        if event.duration is not None:
+            if not math.isfinite(event.duration) or event.duration < 0:
+                raise RouteError(
+                    f"duration must be a finite number of seconds >= 0, got {event.duration}", reason="invalid-duration"
+                )
+            body["duration"] = event.duration
+        return ApiRequest(
+            endpoint=Endpoint.UPDATE_LOG,
+            method="PATCH",
+            url=f"{self.humanloop_base_url}/logs",
+            params=(("reference_id", event.reference_id),),
+            body=_json(body),
+            key=event.reference_id,
+        )
+
+
+def stable_inference_id(where: RecordCoordinates) -> str:
+    return str(uuid.uuid5(_INFERENCE_ID_NAMESPACE, f"{where.topic}/{where.partition}/{where.offset}"))
+
+
+def _as_id(value: object) -> str | None:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _segment(value: str) -> str:
+    # A pipeline id is a UUID, but it comes from a producer we do not control: never let it add
+    # path segments or a query to the URL.
+    return quote(value, safe="")
+
+
+def _json(body: object) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError as exc:  # orjson raises TypeError for values JSON cannot carry
+        raise RouteError(f"the body cannot be serialised as JSON: {exc}", reason="unserialisable") from exc

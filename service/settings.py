@@ -1,0 +1,258 @@
+"""Settings: one frozen pydantic-settings root, read from `BRIDGE_*` environment variables at start-up.
+
+This is the only module that reads the environment. Sections nest with a double underscore
+(`BRIDGE_KAFKA__BOOTSTRAP_SERVERS`); API keys and Kafka passwords are `SecretStr` so they never
+print. `load_settings` turns pydantic's errors into one message that names every bad setting by its
+environment variable, so an operator fixes them all in one go instead of one per restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "BRIDGE_"
+ENV_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    # A typo in a nested variable (BRIDGE_KAFKA__BOOTSRAP_SERVERS) must fail loudly, not be ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(min_length=1, description="host:port[,host:port...]")
+    group_id: str = Field(default="inference-bridge", min_length=1)
+    client_id: str = "inference-bridge"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    session_timeout_ms: int = Field(default=45_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    max_poll_records: int = Field(default=500, ge=1)
+    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=1024)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_mechanism and self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
+            )
+        return self
+
+
+class TopicSettings(_Section):
+    inferences: str = Field(default="inferences", min_length=1)
+    row_updates: str = Field(default="inference-row-updates", min_length=1)
+    log_updates: str = Field(default="log-updates", min_length=1)
+    dlq_suffix: str = Field(default=".dlq", min_length=1)
+    dlq_overrides: dict[str, str] = Field(
+        default_factory=dict, description="source topic -> dead-letter topic, when <topic><suffix> won't do"
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> TopicSettings:
+        names = [self.inferences, self.row_updates, self.log_updates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the three topics must be distinct, got {names}")
+        return self
+
+    def dead_letter_topic(self, topic: str) -> str:
+        return self.dlq_overrides.get(topic, topic + self.dlq_suffix)
+
+
+class OpenlayerSettings(_Section):
+    base_url: str = "https://api.openlayer.com/v1"
+    api_key: SecretStr
+    pipeline_configs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="pipeline id -> Publish-records config (camelCase JSON), used when a record has none",
+    )
+    default_config: dict[str, Any] | None = Field(
+        default=None, description="config for pipelines not in pipeline_configs (camelCase JSON)"
+    )
+    inference_id_column: str = Field(
+        default="inference_id",
+        min_length=1,
+        description="column that carries the inference id when the config names none",
+    )
+
+    _check_url = field_validator("base_url")(_http_url)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_present(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class HumanloopSettings(_Section):
+    base_url: str = "https://api.humanloop.com/v4"
+    api_key: SecretStr
+
+    _check_url = field_validator("base_url")(_http_url)
+    _key_present = field_validator("api_key")(OpenlayerSettings._key_present.__func__)  # type: ignore[attr-defined]
+
+
+class SchemaRegistrySettings(_Section):
+    url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    wire_format: Literal["auto", "plain", "confluent"] = Field(
+        default="auto",
+        description="auto: Confluent framing (magic byte 0) when a registry is configured, else plain Avro",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None or value == "" else _http_url(value)
+
+    @model_validator(mode="after")
+    def _confluent_needs_registry(self) -> SchemaRegistrySettings:
+        if self.wire_format == "confluent" and self.url is None:
+            raise ValueError("wire_format=confluent needs BRIDGE_SCHEMA_REGISTRY__URL")
+        return self
+
+
+class DeliverySettings(_Section):
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    initial_backoff_s: float = Field(default=0.5, gt=0)
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    retry_after_cap_s: float = Field(default=60.0, gt=0, description="longest server-requested pause honoured")
+    conflict_retries: int = Field(default=2, ge=0, description="409 retries before the record is rejected")
+    not_found_grace_s: float = Field(
+        default=600.0, ge=0, description="how long a 404 on an update is retried, from the record's timestamp"
+    )
+    evidence_body_bytes: int = Field(default=4096, ge=0, le=65536)
+    max_connections: int = Field(default=64, ge=1)
+    max_in_flight_per_partition: int = Field(default=16, ge=1)
+    max_buffered_per_partition: int = Field(default=1000, ge=1)
+    drain_timeout_s: float = Field(default=20.0, gt=0, description="bounded wait for in-flight calls on stop")
+    breaker_threshold: int = Field(
+        default=5, ge=1, description="retryable failures in a row that open a destination's breaker"
+    )
+
+
+class DeadLetterSettings(_Section):
+    send_attempts: int = Field(default=5, ge=1, description="tries before a failed DLQ write stops the service")
+    send_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class ObservabilitySettings(_Section):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    schemas_dir: Path = Field(
+        default=Path(__file__).resolve().parent.parent / "schemas", description="directory of the .avsc files"
+    )
+    kafka: KafkaSettings
+    topics: TopicSettings = TopicSettings()
+    openlayer: OpenlayerSettings
+    humanloop: HumanloopSettings
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+    delivery: DeliverySettings = DeliverySettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_present(cls, data: Any) -> Any:
+        # An absent section would be reported as "BRIDGE_KAFKA is required"; validating an empty
+        # one instead names the variables the operator actually has to set.
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in ("kafka", "openlayer", "humanloop"):
+                data.setdefault(name, {})
+        return data
+
+
+class SettingsError(Exception):
+    """Start-up cannot go on; the message names every problem by its environment variable."""
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in loc)
+
+
+def _unknown_sections(environ: Mapping[str, str]) -> list[str]:
+    # pydantic-settings silently ignores BRIDGE_* names that match no section; a typo there would
+    # leave a default in force without a word, so name it.
+    known = {name.upper() for name in Settings.model_fields}
+    lines = []
+    for key in environ:
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX):
+            section = upper[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0]
+            if section not in known:
+                lines.append(f"  {upper}: unknown setting (sections: {', '.join(sorted(known))})")
+    return lines
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the settings; `environ` replaces the process environment (tests, check-config)."""
+    source = os.environ if environ is None else environ
+    lines = _unknown_sections(source)
+    settings: Settings | None = None
+    try:
+        settings = Settings() if environ is None else _from_mapping(environ)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problem = "is required but not set" if err["type"] == "missing" else err["msg"]
+            lines.append(f"  {_env_name(tuple(err['loc']))}: {problem}")
+    if lines or settings is None:
+        raise SettingsError(f"{len(lines)} setting(s) invalid:\n" + "\n".join(lines))
+    return settings
+
+
+def _from_mapping(environ: Mapping[str, str]) -> Settings:
+    """Validate an explicit mapping with the same parsing rules as the real environment."""
+
+    class _Explicit(Settings):
+        @classmethod
+        def settings_customise_sources(  # type: ignore[no-untyped-def]
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            source = EnvSettingsSource(
+                settings_cls,
+                env_prefix=ENV_PREFIX,
+                env_nested_delimiter=ENV_DELIMITER,
+                case_sensitive=False,
+            )
+            source.env_vars = {k.lower(): v for k, v in environ.items()}
+            return (source,)
+
+    return _Explicit()

@@ -1,0 +1,175 @@
+"""End to end on the real broker: each topic's records reach the fake API exactly as documented,
+rejections and undecodable bytes are dead-lettered with their evidence, outages are waited out,
+and the committed offsets account for every record."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+import pytest
+
+from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PARTITIONS, Case, is_marked
+from tests.support.avro_io import AvroEncoder
+from tests.support.bridge import Topics, running_bridge
+from tests.support.fake_apis import FakeApiServer, Fault, ReceivedRequest
+from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
+
+pytestmark = pytest.mark.kafka
+
+ENCODER = AvroEncoder()
+BY_KIND = pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+
+
+def _succeeded(fake: FakeApiServer, case: Case) -> list[ReceivedRequest]:
+    return [r for r in fake.requests(case.endpoint) if r.status == 200]
+
+
+async def _all_committed(bootstrap: str, group: str, topic: str) -> bool:
+    ends = await end_offsets(bootstrap, topic)
+    return await committed(bootstrap, group, topic) == {p: o for p, o in ends.items() if o > 0}
+
+
+async def _produce_case(
+    bootstrap: str, topic: str, case: Case, numbers: range, rejected: frozenset[int] = frozenset()
+) -> None:
+    values = [ENCODER.plain(case.kind, case.datum(i, i in rejected)) for i in numbers]
+    # Keys spread the records over the partitions, so ordering and commits run on several at once.
+    await produce(bootstrap, topic, values, keys=[f"k{i}".encode() for i in numbers])
+
+
+def _header_map(headers: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in headers}
+
+
+@BY_KIND
+async def test_records_reach_their_api_exactly_as_documented(
+    case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    topic = case.topic_of(topics)
+    await _produce_case(kafka_bootstrap, topic, case, range(6))
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    received = {case.identity(r.query, r.json): r for r in _succeeded(fake_apis, case)}
+    assert len(_succeeded(fake_apis, case)) == 6, "each record is called once when nothing fails"
+    for i in range(6):
+        method, path, query, body = case.expected(i, False)
+        request = received[case.identity(query, body)]
+        assert (request.method, request.path, request.query) == (method, path, query)
+        assert request.json == body
+        assert request.headers["content-type"] == "application/json"
+        if case.endpoint == "update_log":
+            assert request.headers["x-api-key"] == HUMANLOOP_KEY
+            assert "authorization" not in request.headers
+        else:
+            assert request.headers["authorization"] == f"Bearer {OPENLAYER_KEY}"
+            assert "x-api-key" not in request.headers
+    assert await read_all(kafka_bootstrap, topics.dlq(topic)) == []
+
+
+@BY_KIND
+async def test_rejected_record_is_dead_lettered_with_its_evidence(
+    case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    topic = case.topic_of(topics)
+    fake_apis.reject_when(case.endpoint, is_marked, Fault(status=422, body={"code": 422, "error": "bad row x1"}))
+    await _produce_case(kafka_bootstrap, topic, case, range(5), rejected=frozenset({2}))
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    assert len(_succeeded(fake_apis, case)) == 4
+    letters = await read_all(kafka_bootstrap, topics.dlq(topic))
+    assert len(letters) == 1
+    (letter,) = letters
+    originals = {r.offset: r for r in await read_all(kafka_bootstrap, topic) if r.key == b"k2"}
+    (original,) = originals.values()
+    assert (letter.key, letter.value, letter.timestamp) == (original.key, original.value, original.timestamp)
+    assert letter.partition == original.partition
+    headers = _header_map(letter.headers)
+    assert headers["__connect.errors.topic"] == topic
+    assert headers["__connect.errors.partition"] == str(original.partition)
+    assert headers["__connect.errors.offset"] == str(original.offset)
+    assert headers["__connect.errors.stage"] == "TASK_PUT"
+    assert headers["__connect.errors.exception.class.name"] == "RejectedError"
+    assert headers["bridge.reason"] == "http-422"
+    assert headers["bridge.http.status"] == "422"
+    assert headers["bridge.http.method"] == case.expected(2, True)[0]
+    assert "bad row x1" in headers["bridge.http.response.body"]
+    assert headers["bridge.http.url"].startswith(fake_apis.base_url)
+    everything = repr(letter.headers)
+    assert OPENLAYER_KEY not in everything
+    assert HUMANLOOP_KEY not in everything
+
+
+@BY_KIND
+async def test_transient_failures_are_retried_and_delivered_once(
+    case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    topic = case.topic_of(topics)
+    fake_apis.script(
+        case.endpoint,
+        [
+            Fault(status=503),
+            Fault(status=503, headers={"Retry-After": "0"}),
+            Fault(status=429, headers={"retry-after-ms": "50"}),
+            Fault(reset=True),
+            Fault(status=502),
+        ],
+    )
+    await _produce_case(kafka_bootstrap, topic, case, range(3))
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    delivered = [case.identity(r.query, r.json) for r in _succeeded(fake_apis, case)]
+    assert len(delivered) == 3, "each record succeeds exactly once"
+    assert len(set(delivered)) == 3
+    assert fake_apis.pending_script(case.endpoint) == 0, "every scripted failure was met and retried"
+    assert await read_all(kafka_bootstrap, topics.dlq(topic)) == []
+
+
+@BY_KIND
+async def test_undecodable_bytes_are_dead_lettered_and_the_rest_flows(
+    case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    topic = case.topic_of(topics)
+    garbage = [os.urandom(64), b"", ENCODER.plain(case.kind, case.datum(0, False))[:5]]
+    await produce(kafka_bootstrap, topic, garbage, partition=0)
+    await _produce_case(kafka_bootstrap, topic, case, range(1, 4))
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    assert len(_succeeded(fake_apis, case)) == 3
+    letters = await read_all(kafka_bootstrap, topics.dlq(topic))
+    assert sorted(bytes(letter.value or b"") for letter in letters) == sorted(garbage)
+    for letter in letters:
+        headers = _header_map(letter.headers)
+        assert headers["__connect.errors.stage"] == "VALUE_CONVERTER"
+        assert headers["__connect.errors.exception.class.name"] == "DecodeError"
+        assert headers["bridge.reason"]
+        assert headers["__connect.errors.exception.message"]
+
+
+async def test_committed_offsets_equal_what_was_done_across_all_topics(
+    kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    for case in CASES:
+        fake_apis.reject_when(case.endpoint, is_marked, Fault(status=400))
+        await _produce_case(kafka_bootstrap, case.topic_of(topics), case, range(12), rejected=frozenset({3, 7}))
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        for case in CASES:
+            topic = case.topic_of(topics)
+            await eventually(partial(_all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
+
+    for case in CASES:
+        topic = case.topic_of(topics)
+        done = len(_succeeded(fake_apis, case)) + len(await read_all(kafka_bootstrap, topics.dlq(topic)))
+        assert done == 12
+        assert sum((await committed(kafka_bootstrap, group, topic)).values()) == 12
+        assert len(await committed(kafka_bootstrap, group, topic)) <= PARTITIONS
