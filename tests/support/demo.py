@@ -10,6 +10,7 @@ summary read back from Kafka and the fake APIs, not from the service's own say-s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import sys
@@ -22,13 +23,19 @@ from typing import Any
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import BridgeProcess, Topics, bridge_environment
-from tests.support.fake_apis import Fault, FakeApiServer
+from tests.support.fake_apis import FakeApiServer, Fault
 from tests.support.kafka_broker import LocalKafkaBroker, create_topics
 from tests.support.kafka_io import committed, end_offsets, produce, read_all
 
 JARS = Path(__file__).resolve().parents[2] / ".cache" / "kafka" / "jars"
 PIPELINE_LLM = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"
 PIPELINE_TABULAR = "5f0c7a52-93d1-4c3e-8b1e-2a7f6c9d4e11"
+TABULAR_CONFIG = {
+    "classNames": ["no", "yes"],
+    "featureNames": ["age", "geography"],
+    "categoricalFeatureNames": ["geography"],
+    "predictionsColumnName": "prediction",
+}
 PER_TOPIC = 400
 PARTITIONS = 3
 
@@ -82,8 +89,8 @@ async def _fill(bootstrap: str, topics: Topics, rng: random.Random) -> dict[str,
     }
     produced = {}
     for topic, (kind, make) in makers.items():
-        values: list[bytes | None] = [encoder.plain(kind, make(i, rng)) for i in range(PER_TOPIC)]
-        values += [os.urandom(32), values[0][:7], None]  # garbage, a truncated record, a tombstone
+        good = [encoder.plain(kind, make(i, rng)) for i in range(PER_TOPIC)]
+        values: list[bytes | None] = [*good, os.urandom(32), good[0][:7], None]  # garbage, truncated, tombstone
         await produce(bootstrap, topic, values, keys=[f"key-{i % 50}".encode() for i in range(len(values))])
         produced[topic] = len(values)
     return produced
@@ -111,7 +118,7 @@ async def _summary(bootstrap: str, group: str, topics: Topics, fake: FakeApiServ
         print(f"{topic:<24}{produced[topic]:>10}{sum(offsets.values()):>11}{len(letters):>15}")
     print("\ncalls per endpoint (status: count)")
     for endpoint in ("publish", "update_row", "update_log"):
-        statuses = Counter(r.status for r in fake.requests(endpoint))  # type: ignore[arg-type]
+        statuses = Counter(r.status for r in fake.requests(endpoint))
         print(f"  {endpoint:<12}" + "  ".join(f"{s}: {n}" for s, n in sorted(statuses.items())))
     print("\ndead-lettered, by reason")
     for reason, count in sorted(reasons.items()):
@@ -151,9 +158,7 @@ async def main() -> int:
             openlayer_key="demo-openlayer-key",
             humanloop_key="demo-humanloop-key",
             extra={
-                "BRIDGE_OPENLAYER__PIPELINE_CONFIGS": '{"%s": {"classNames": ["no", "yes"], "featureNames": '
-                '["age", "geography"], "categoricalFeatureNames": ["geography"], "predictionsColumnName": '
-                '"prediction"}}' % PIPELINE_TABULAR,
+                "BRIDGE_OPENLAYER__PIPELINE_CONFIGS": json.dumps({PIPELINE_TABULAR: TABULAR_CONFIG}),
                 "BRIDGE_OBSERVABILITY__LOG_FORMAT": "text",
                 "BRIDGE_OBSERVABILITY__LOG_LEVEL": "WARNING",
             },
