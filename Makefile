@@ -56,3 +56,6 @@ check-config: install ## validate BRIDGE_* settings and print them with secrets 
 
 clean: ## remove the venv and caches (Kafka jars included)
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+
+# Feature areas keep their targets in mk/*.mk (helm, image, chaos, bench).
+-include mk/*.mk
