@@ -13,9 +13,11 @@ import logging
 import random
 import signal
 from contextlib import AsyncExitStack
+from functools import partial
 
 import httpx
 
+from .batching import Batcher
 from .breaker import Breaker
 from .codec import AvroCodec, SchemaSet
 from .consumer import ConsumerLoop, LoopSettings
@@ -24,7 +26,7 @@ from .delivery import Delivery
 from .events import EventKind
 from .httpclient import HttpxClient
 from .kafka_clients import KafkaDeadLetterProducer, build_consumer
-from .pipeline import Pipeline
+from .pipeline import Pipeline, publish_batch
 from .registry import SchemaRegistry
 from .routes import Destination, Router
 from .settings import Settings
@@ -53,7 +55,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     kinds = topic_kinds(settings)
     async with AsyncExitStack() as stack:
         http = HttpxClient(
-            connect_timeout_s=d.connect_timeout_s, read_timeout_s=d.read_timeout_s, max_connections=d.max_connections
+            connect_timeout_s=d.connect_timeout_s,
+            read_timeout_s=d.read_timeout_s,
+            max_connections=d.max_connections * len(Destination),
         )
         stack.push_async_callback(http.aclose)
 
@@ -111,7 +115,17 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
         await dead_letters.prepare(kinds)
 
-        pipeline = Pipeline(codec, router, delivery, dead_letters, kinds, rng=rng, max_backoff_s=d.max_backoff_s)
+        b = settings.batch
+        batcher = Batcher(
+            partial(publish_batch, router, delivery),
+            max_rows=b.max_rows,
+            max_bytes=b.max_bytes,
+            linger_s=b.linger_ms / 1000,
+        )
+        stack.push_async_callback(batcher.aclose)
+        pipeline = Pipeline(
+            codec, router, delivery, dead_letters, batcher, kinds, rng=rng, max_backoff_s=d.max_backoff_s
+        )
         consumer = build_consumer(settings.kafka)
         await consumer.start()
         stack.push_async_callback(consumer.stop)

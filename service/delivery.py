@@ -53,6 +53,9 @@ class Delivery:
             for dest, auth in auth_headers.items()
         }
         self._breakers = breakers
+        # Calls wait here rather than in the client's pool: a pool wait that timed out would look
+        # like an API failure and count against the destination's breaker.
+        self._slots = {dest: asyncio.Semaphore(settings.max_connections) for dest in auth_headers}
         self._rng = rng
         self._now = wall_clock
 
@@ -65,7 +68,10 @@ class Delivery:
             probe = await breaker.admit()
             attempt += 1
             try:
-                response = await self._client.send(request.method, request.url, request.params, headers, request.body)
+                async with self._slots[request.destination]:
+                    response = await self._client.send(
+                        request.method, request.url, request.params, headers, request.body
+                    )
             except TransportFailure as exc:
                 breaker.failed(None, probe=probe)
                 log.warning(

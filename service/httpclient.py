@@ -48,7 +48,8 @@ class HttpxClient:
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> None:
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s),
+            # No pool timeout: callers are admitted by delivery's per-destination slots.
+            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             # A redirect to another host would carry our API key along; the documented endpoints
             # never redirect, so treat one as an answer to classify, not a hop to follow.

@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, cast
 
+from .batching import Batcher
 from .classify import backoff_s
 from .deadletter import DeadLetterWriter
 from .delivery import Delivery
 from .errors import InternalError, RecordError, RegistryUnavailable
-from .events import Event, EventKind
+from .events import Event, EventKind, NewInference
 from .records import SourceRecord, Work
-from .routes import ApiRequest, RecordCoordinates, Router
+from .routes import ApiRequest, PublishRow, RecordCoordinates, Router
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Pipeline:
         router: Router,
         delivery: Delivery,
         dead_letters: DeadLetterWriter,
+        batcher: Batcher,
         kinds: Mapping[str, EventKind],
         *,
         rng: random.Random,
@@ -45,6 +47,7 @@ class Pipeline:
         self._router = router
         self._delivery = delivery
         self._dead_letters = dead_letters
+        self._batcher = batcher
         self._kinds = kinds
         self._rng = rng
         self._max_backoff_s = max_backoff_s
@@ -52,9 +55,12 @@ class Pipeline:
     async def prepare(self, record: SourceRecord) -> Work:
         try:
             event = await self._decode(record)
-            request = self._router.route(
-                event, RecordCoordinates(record.topic, record.partition, record.offset, record.timestamp_ms)
-            )
+            where = RecordCoordinates(record.topic, record.partition, record.offset, record.timestamp_ms)
+            if isinstance(event, NewInference):
+                row = self._router.publish_row(event, where)
+                # Rows keep their order inside the batcher; a key of their own lets them batch.
+                return Work(key=("row", record.offset), run=partial(self._publish, record, row))
+            request = self._router.route(event, where)
         except RecordError as exc:
             return self._dead_work(record, exc)
         except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
@@ -76,6 +82,15 @@ class Pipeline:
     def _dead_work(self, record: SourceRecord, error: RecordError) -> Work:
         # Nothing else depends on a dead-lettered record, so it gets a key of its own.
         return Work(key=("dead-letter", record.offset), run=partial(self._dead_letter, record, error))
+
+    async def _publish(self, record: SourceRecord, row: PublishRow) -> None:
+        try:
+            await self._batcher.submit(row.batch_key, row.row_json)
+        except RecordError as exc:
+            await self._dead_letter(record, exc)
+        except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
+            log.exception("unexpected error publishing a record", extra=_where(record))
+            await self._dead_letter(record, InternalError(f"{type(exc).__name__}: {exc}"))
 
     async def _deliver(self, record: SourceRecord, request: ApiRequest) -> None:
         try:
@@ -110,6 +125,13 @@ class Pipeline:
                 "error": str(error),
             },
         )
+
+
+async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows: Sequence[bytes]) -> None:
+    """The batcher's flush: one Publish-records call for rows that share a pipeline and a config."""
+    pipeline_id, config_json = cast(tuple[str, bytes], key)
+    # A 404 on publish means a wrong pipeline id, never "not yet", so no record timestamp is needed.
+    await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0)
 
 
 def _where(record: SourceRecord) -> dict[str, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -77,6 +77,16 @@ class ApiRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PublishRow:
+    """A new inference ready for batching: rows with equal `batch_key` share one call."""
+
+    batch_key: tuple[str, bytes]
+    pipeline_id: str
+    config_json: bytes
+    row_json: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Router:
     """Maps events to requests with the operator's base URLs and per-pipeline configs."""
 
@@ -103,7 +113,8 @@ class Router:
             )
         return config
 
-    def _publish(self, event: NewInference, where: RecordCoordinates) -> ApiRequest:
+    def publish_row(self, event: NewInference, where: RecordCoordinates) -> PublishRow:
+        """One row, serialised once, ready to share a Publish-records call with rows of the same batch."""
         config = dict(self.publish_config(event))
         id_column = config.setdefault("inferenceIdColumnName", self.inference_id_column)
         if not isinstance(id_column, str) or not id_column:
@@ -111,16 +122,31 @@ class Router:
                 f"config inferenceIdColumnName must be a column name, got {id_column!r}", reason="invalid-config"
             )
         row = dict(event.row)
-        inference_id = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
-        row[id_column] = inference_id
+        row[id_column] = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
+        # Sorted keys make equal configs byte-equal, so they land in the same batch.
+        config_json = _json(config, sort_keys=True)
+        return PublishRow(
+            batch_key=(event.pipeline_id, config_json),
+            pipeline_id=event.pipeline_id,
+            config_json=config_json,
+            row_json=_json(row),
+        )
+
+    def publish_request(self, pipeline_id: str, config_json: bytes, rows: Sequence[bytes]) -> ApiRequest:
+        # The rows are already JSON; splicing them avoids serialising every row a second time.
+        body = b'{"rows":[' + b",".join(rows) + b'],"config":' + config_json + b"}"
         return ApiRequest(
             endpoint=Endpoint.PUBLISH,
             method="POST",
-            url=f"{self.openlayer_base_url}/inference-pipelines/{_segment(event.pipeline_id)}/data-stream",
+            url=f"{self.openlayer_base_url}/inference-pipelines/{_segment(pipeline_id)}/data-stream",
             params=(),
-            body=_json({"rows": [row], "config": config}),
-            key=event.pipeline_id,
+            body=body,
+            key=pipeline_id,
         )
+
+    def _publish(self, event: NewInference, where: RecordCoordinates) -> ApiRequest:
+        row = self.publish_row(event, where)
+        return self.publish_request(row.pipeline_id, row.config_json, [row.row_json])
 
     def _update_row(self, event: RowUpdate) -> ApiRequest:
         columns = len(event.row)
@@ -178,8 +204,8 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def _json(body: object) -> bytes:
+def _json(body: object, *, sort_keys: bool = False) -> bytes:
     try:
-        return orjson.dumps(body)
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS if sort_keys else None)
     except TypeError as exc:  # orjson raises TypeError for values JSON cannot carry
         raise RouteError(f"the body cannot be serialised as JSON: {exc}", reason="unserialisable") from exc

@@ -148,13 +148,25 @@ class DeliverySettings(_Section):
         default=600.0, ge=0, description="how long a 404 on an update is retried, from the record's timestamp"
     )
     evidence_body_bytes: int = Field(default=4096, ge=0, le=65536)
-    max_connections: int = Field(default=64, ge=1)
-    max_in_flight_per_partition: int = Field(default=16, ge=1)
-    max_buffered_per_partition: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=64, ge=1, description="concurrent calls per destination")
+    max_in_flight_per_partition: int = Field(
+        default=256, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
+    )
+    max_buffered_per_partition: int = Field(
+        default=2000, ge=1, description="records taken from Kafka and not yet done; above it the partition pauses"
+    )
     drain_timeout_s: float = Field(default=20.0, gt=0, description="bounded wait for in-flight calls on stop")
     breaker_threshold: int = Field(
         default=5, ge=1, description="retryable failures in a row that open a destination's breaker"
     )
+
+
+class BatchSettings(_Section):
+    """Publish-records batching of new inferences (rows of one pipeline and config share a call)."""
+
+    max_rows: int = Field(default=500, ge=1, le=10_000)
+    max_bytes: int = Field(default=1_000_000, ge=1024, description="row JSON bytes per call")
+    linger_ms: float = Field(default=20.0, ge=0, description="how long a batch waits for more rows")
 
 
 class DeadLetterSettings(_Section):
@@ -185,6 +197,7 @@ class Settings(BaseSettings):
     humanloop: HumanloopSettings
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     delivery: DeliverySettings = DeliverySettings()
+    batch: BatchSettings = BatchSettings()
     dead_letter: DeadLetterSettings = DeadLetterSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
 

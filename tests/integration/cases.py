@@ -26,8 +26,19 @@ class Case:
     """(sequence number, rejected?) -> the Avro datum a producer writes."""
     expected: Callable[[int, bool], tuple[str, str, dict[str, str], Any]]
     """(sequence number, rejected?) -> (method, path, query, JSON body) the API must receive."""
-    identity: Callable[[dict[str, str], Any], str]
-    """Which produced record a received request carries (query, body) -> id."""
+    identities: Callable[[dict[str, str], Any], list[str]]
+    """Which produced records a received request carries (query, body) -> ids; a publish batches rows."""
+
+    def identity(self, query: dict[str, str], body: Any) -> str:
+        """The id of the single record an expected request carries."""
+        (single,) = self.identities(query, body)
+        return single
+
+    def split(self, query: dict[str, str], body: Any) -> list[tuple[str, Any]]:
+        """A received request as (record id, the body a lone request for that record would have)."""
+        if self.endpoint != "publish":
+            return [(self.identity(query, body), body)]
+        return [(str(row["inference_id"]), {"rows": [row], "config": body["config"]}) for row in body["rows"]]
 
 
 def _ref(i: int) -> str:
@@ -104,11 +115,13 @@ CASES = [
         lambda t: t.inferences,
         _inference_datum,
         _inference_expected,
-        lambda q, b: str(b["rows"][0]["inference_id"]),
+        lambda q, b: [str(row["inference_id"]) for row in b["rows"]],
     ),
-    Case("row_update", "update_row", lambda t: t.row_updates, _row_datum, _row_expected, lambda q, b: q["inferenceId"]),
     Case(
-        "log_update", "update_log", lambda t: t.log_updates, _log_datum, _log_expected, lambda q, b: q["reference_id"]
+        "row_update", "update_row", lambda t: t.row_updates, _row_datum, _row_expected, lambda q, b: [q["inferenceId"]]
+    ),
+    Case(
+        "log_update", "update_log", lambda t: t.log_updates, _log_datum, _log_expected, lambda q, b: [q["reference_id"]]
     ),
 ]
 

@@ -1,0 +1,130 @@
+"""Batching of new inferences: rows for the same pipeline and config share one Publish-records call.
+
+A batch closes at `max_rows`, at `max_bytes` of row JSON, or `linger_s` after its first row,
+whichever comes first. Batches of one key go out one after another, so rows reach the API in the
+order they were submitted. When the API refuses a batch with a status that can be about single
+rows (400, 413, 422), the batch is split in halves and each half retried, down to single rows:
+good rows are delivered, and only the rows that are refused on their own fail, each with the
+evidence of its own call. Each submitter awaits the outcome of its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import RejectedError
+
+SPLITTABLE_STATUSES = frozenset({400, 413, 422})
+"""Refusals that one bad row (or a too-large body) can cause; others (401, 404, ...) hold for every row."""
+
+Flush = Callable[[Hashable, Sequence[bytes]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Row:
+    body: bytes
+    outcome: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Open:
+    rows: list[_Row] = field(default_factory=list)
+    size: int = 0
+    timer: asyncio.TimerHandle | None = None
+    last_flush: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    def __init__(
+        self,
+        flush: Flush,
+        *,
+        max_rows: int,
+        max_bytes: int,
+        linger_s: float,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self._flush = flush
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._linger_s = linger_s
+        self._on_batch = on_batch
+        self._open: dict[Hashable, _Open] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, key: Hashable, body: bytes) -> None:
+        """Add one row; return when it was delivered, raise `RejectedError` when it was refused."""
+        batch = self._open.get(key)
+        if batch is None:
+            batch = self._open[key] = _Open()
+        if batch.rows and batch.size + len(body) > self._max_bytes:
+            self._close(key, batch)
+        row = _Row(body, asyncio.get_running_loop().create_future())
+        batch.rows.append(row)
+        batch.size += len(body)
+        if len(batch.rows) >= self._max_rows or batch.size >= self._max_bytes:
+            self._close(key, batch)
+        elif batch.timer is None:
+            batch.timer = asyncio.get_running_loop().call_later(self._linger_s, self._close, key, batch)
+        await row.outcome
+
+    def _close(self, key: Hashable, batch: _Open) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        rows, batch.rows, batch.size = batch.rows, [], 0
+        if not rows:
+            return
+        self._on_batch(len(rows))
+        task = asyncio.create_task(self._send_after(key, rows, batch.last_flush))
+        batch.last_flush = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_after(self, key: Hashable, rows: list[_Row], previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # order between batches of one key
+        try:
+            await self._send(key, rows)
+        except asyncio.CancelledError:
+            for row in rows:
+                row.outcome.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001  # a bug: each row's submitter handles it as its own record's failure
+            _fail(rows, exc)
+
+    async def _send(self, key: Hashable, rows: list[_Row]) -> None:
+        try:
+            await self._flush(key, [row.body for row in rows])
+        except RejectedError as exc:
+            status = exc.evidence.status
+            if len(rows) > 1 and status in SPLITTABLE_STATUSES:
+                half = len(rows) // 2
+                await self._send(key, rows[:half])
+                await self._send(key, rows[half:])
+                return
+            _fail(rows, exc)
+            return
+        for row in rows:
+            if not row.outcome.done():
+                row.outcome.set_result(None)
+
+    async def aclose(self) -> None:
+        """Cancel batches still waiting or in flight; their rows stay uncommitted and are read again."""
+        for batch in self._open.values():
+            if batch.timer is not None:
+                batch.timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _fail(rows: list[_Row], exc: BaseException) -> None:
+    for row in rows:
+        if not row.outcome.done():
+            row.outcome.set_exception(exc)

@@ -1,0 +1,105 @@
+"""Batcher: rows close into batches by count, bytes and linger; batches of one key keep their order;
+a refused batch is bisected so that only the rows refused on their own fail."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable, Sequence
+
+import pytest
+
+from service.batching import Batcher
+from service.errors import HttpEvidence, RejectedError
+
+
+class FakeApi:
+    """Records each flush; refuses any batch holding a row in `bad` with `status`."""
+
+    def __init__(self, bad: frozenset[bytes] = frozenset(), status: int = 422) -> None:
+        self.calls: list[tuple[Hashable, list[bytes]]] = []
+        self.bad = bad
+        self.status = status
+
+    async def flush(self, key: Hashable, rows: Sequence[bytes]) -> None:
+        self.calls.append((key, list(rows)))
+        await asyncio.sleep(0)
+        if self.bad & set(rows):
+            evidence = HttpEvidence(method="POST", url="http://api/x", status=self.status, body="bad row")
+            raise RejectedError("refused", evidence, reason=f"http-{self.status}")
+
+
+def _batcher(api: FakeApi, *, max_rows: int = 100, max_bytes: int = 10_000, linger_s: float = 0.01) -> Batcher:
+    return Batcher(api.flush, max_rows=max_rows, max_bytes=max_bytes, linger_s=linger_s)
+
+
+async def _submit_all(batcher: Batcher, key: Hashable, rows: list[bytes]) -> list[BaseException | None]:
+    return list(await asyncio.gather(*(batcher.submit(key, r) for r in rows), return_exceptions=True))
+
+
+async def test_rows_submitted_together_share_one_call_in_order() -> None:
+    api = FakeApi()
+    rows = [f"r{i}".encode() for i in range(10)]
+    assert await _submit_all(_batcher(api), "k", rows) == [None] * 10
+    assert api.calls == [("k", rows)]
+
+
+async def test_batches_close_at_max_rows_and_keep_their_order() -> None:
+    api = FakeApi()
+    rows = [f"r{i}".encode() for i in range(7)]
+    await _submit_all(_batcher(api, max_rows=3), "k", rows)
+    assert [batch for _key, batch in api.calls] == [rows[0:3], rows[3:6], rows[6:7]]
+
+
+async def test_batches_never_exceed_max_bytes() -> None:
+    api = FakeApi()
+    rows = [b"x" * 400 for _ in range(5)]
+    await _submit_all(_batcher(api, max_bytes=1000), "k", rows)
+    assert [len(batch) for _key, batch in api.calls] == [2, 2, 1]
+
+
+async def test_different_keys_never_share_a_call() -> None:
+    api = FakeApi()
+    batcher = _batcher(api)
+    await asyncio.gather(batcher.submit("a", b"1"), batcher.submit("b", b"2"), batcher.submit("a", b"3"))
+    assert sorted((key, rows) for key, rows in api.calls) == [("a", [b"1", b"3"]), ("b", [b"2"])]
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_refused_batch_is_bisected_down_to_the_bad_rows(status: int) -> None:
+    rows = [f"r{i}".encode() for i in range(8)]
+    api = FakeApi(bad=frozenset({b"r2", b"r5"}), status=status)
+    outcomes = await _submit_all(_batcher(api), "k", rows)
+    failed = [rows[i] for i, outcome in enumerate(outcomes) if outcome is not None]
+    assert failed == [b"r2", b"r5"]
+    for outcome in outcomes:
+        if outcome is not None:
+            assert isinstance(outcome, RejectedError)
+            assert outcome.evidence.status == status
+    delivered = [row for _key, batch in api.calls for row in batch if not api.bad & set(batch)]
+    assert delivered == [r for r in rows if r not in api.bad], "good rows delivered once each, in order"
+
+
+async def test_refusals_about_the_destination_fail_the_whole_batch_without_splitting() -> None:
+    rows = [f"r{i}".encode() for i in range(4)]
+    api = FakeApi(bad=frozenset(rows), status=401)
+    outcomes = await _submit_all(_batcher(api), "k", rows)
+    assert all(isinstance(o, RejectedError) for o in outcomes)
+    assert len(api.calls) == 1
+
+
+async def test_a_lone_row_goes_out_after_the_linger_time() -> None:
+    api = FakeApi()
+    await asyncio.wait_for(_batcher(api, linger_s=0.001).submit("k", b"only"), timeout=5)
+    assert api.calls == [("k", [b"only"])]
+
+
+async def test_after_aclose_a_waiting_row_is_never_sent() -> None:
+    api = FakeApi()
+    batcher = _batcher(api, linger_s=60)
+    waiter = asyncio.create_task(batcher.submit("k", b"row"))
+    await asyncio.sleep(0)
+    await batcher.aclose()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert api.calls == []
