@@ -299,7 +299,7 @@ class AvroCodec:
         if end != len(value):
             raise DecodeError(
                 f"a {self._names[kind]} ({_source(value, framed)}) ends at byte {end}, but the value has "
-                f"{len(value)} bytes: it was written with another schema{_hint(value, framed)}",
+                f"{len(value)} bytes: it was probably written with another schema{_hint(value, framed)}",
                 reason="trailing-bytes",
             )
         if not isinstance(record, dict):
@@ -316,6 +316,9 @@ class AvroCodec:
                 f"or was written with another schema{_hint(value, framed)}",
                 reason="truncated",
             )
+        if isinstance(exc, IndexError):
+            # Before the end, fastavro's IndexError means a union branch or enum index past the schema's list.
+            detail = f"a union branch or enum index out of range; {detail}"
         return DecodeError(
             f"the value is not a {what}: decoding failed at byte {position} of {len(value)} "
             f"({detail}){_hint(value, framed)}",
@@ -327,7 +330,7 @@ class AvroCodec:
             inference_id = record["inference_id"]
             return NewInference(
                 pipeline_id=_id(record, "inference_pipeline_id", value, framed),
-                row=record["row"],
+                row=_row(record),
                 inference_id=None if inference_id is None else _id(record, "inference_id", value, framed),
                 config=self._inference_config.to_api(record["config"]),
             )
@@ -335,14 +338,19 @@ class AvroCodec:
             return RowUpdate(
                 pipeline_id=_id(record, "inference_pipeline_id", value, framed),
                 inference_id=_id(record, "inference_id", value, framed),
-                row=record["row"],
+                row=_row(record),
                 config=self._row_update_config.to_api(record["config"]),
             )
+        reference_id = _id(record, "reference_id", value, framed)
+        output, error, duration = record["output"], record["error"], _duration(record["duration"])
+        if output is None and error is None and duration is None:
+            # An update that sets nothing is a producer bug (or another schema's bytes), not a no-op to send.
+            raise DecodeError("a LogUpdate must set at least one of output, error, duration", reason="missing-field")
         return LogUpdate(
-            reference_id=_id(record, "reference_id", value, framed),
-            output=record["output"],
-            error=record["error"],
-            duration=_duration(record["duration"]),
+            reference_id=reference_id,
+            output=output,
+            error=error,
+            duration=duration,
         )
 
 
@@ -357,6 +365,13 @@ def _id(record: Mapping[str, Any], field: str, value: bytes, framed: bool) -> st
             reason="invalid-field",
         )
     return found
+
+
+def _row(record: Mapping[str, Any]) -> JsonObject:
+    row: JsonObject = record["row"]
+    if not row:
+        raise DecodeError("row is empty; a row needs at least one column", reason="missing-field")
+    return row
 
 
 def _duration(seconds: float | None) -> float | None:

@@ -1,10 +1,11 @@
 """A Confluent-compatible schema registry client that only reads writer schemas by id, for the codec.
 
 Schema ids are immutable, so a parsed schema is cached forever after its first lookup, and concurrent
-lookups of one id share a single request. The registry's answers are classified here, once: a 404 means
-the record names a schema that does not exist (the record is bad: `DecodeError`), an answer that is not
-an Avro record schema is `DecodeError` too, and anything that looks like an outage (connect errors,
-timeouts, 5xx, and refusals such as 401/403/429 that are the operator's problem, not the record's) is
+lookups of one id share a single request. The registry's answers are classified here, once: a 404 with
+the registry's "schema not found" code means the record names a schema that does not exist (the record is
+bad: `DecodeError`), an answer that is not an Avro record schema is `DecodeError` too, and anything that
+looks like an outage (connect errors, timeouts, 5xx, and refusals such as 401/403/429 or a 404 from
+something that is not a registry, which are the operator's problem, not the record's) is
 `RegistryUnavailable`, which the service retries without dead-lettering.
 """
 
@@ -23,6 +24,8 @@ ParsedSchema = dict[str, Any]
 """A schema as `fastavro.parse_schema` returns it: ready for `schemaless_reader`."""
 
 ACCEPT: Final = "application/vnd.schemaregistry.v1+json"
+SCHEMA_NOT_FOUND: Final = 40403
+"""The error code Confluent-compatible registries (Confluent, Karapace, Redpanda, Apicurio) give a missing id."""
 _BODY_EXCERPT: Final = 300
 
 
@@ -80,7 +83,7 @@ class SchemaRegistry:
             raise RegistryUnavailable(
                 f"schema registry {self._where} did not answer for schema id {schema_id}: {type(exc).__name__}: {exc}"
             ) from exc
-        if response.status_code == httpx.codes.NOT_FOUND:
+        if response.status_code == httpx.codes.NOT_FOUND and _says_schema_not_found(response):
             raise DecodeError(
                 f"the record names schema id {schema_id}, which schema registry {self._where} does not have "
                 f"({_excerpt(response)}); the producer used another registry, or the value is not "
@@ -88,7 +91,8 @@ class SchemaRegistry:
                 reason="unknown-schema-id",
             )
         if not response.is_success:
-            # Not the record's fault (an outage, bad credentials, throttling): retry rather than dead-letter.
+            # Not the record's fault (an outage, bad credentials, throttling, a URL that is no registry, whose
+            # bare 404s would otherwise dead-letter every record): retry rather than dead-letter.
             raise RegistryUnavailable(
                 f"schema registry {self._where} answered {response.status_code} for schema id {schema_id}: "
                 f"{_excerpt(response)}"
@@ -122,6 +126,15 @@ def _parse_avro_record(schema_id: int, text: str) -> ParsedSchema:
 
 def _unsupported(schema_id: int, why: str) -> DecodeError:
     return DecodeError(f"cannot use schema id {schema_id}: {why}", reason="unsupported-schema")
+
+
+def _says_schema_not_found(response: httpx.Response) -> bool:
+    """True for a registry's own "schema not found" (Confluent error code 40403), not any server's 404."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(body, dict) and body.get("error_code") == SCHEMA_NOT_FOUND
 
 
 def _excerpt(response: httpx.Response) -> str:
