@@ -18,14 +18,16 @@ from functools import partial
 import httpx
 
 from .batching import Batcher
-from .breaker import Breaker
+from .breaker import Breaker, BreakerState
 from .codec import AvroCodec, SchemaSet
 from .consumer import ConsumerLoop, LoopSettings
 from .deadletter import DeadLetterWriter, Redactor
 from .delivery import Delivery
 from .events import EventKind
+from .health import HealthState, OpsServer
 from .httpclient import HttpxClient
 from .kafka_clients import KafkaDeadLetterProducer, build_consumer
+from .metrics import Metrics
 from .pipeline import Pipeline, publish_batch
 from .registry import SchemaRegistry
 from .routes import Destination, Router
@@ -53,7 +55,14 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     rng = random.Random()
     d = settings.delivery
     kinds = topic_kinds(settings)
+    metrics = Metrics()
+    # The loop beats at least every poll; silence this long means it is stuck, not busy.
+    health = HealthState(stale_after_s=max(60.0, 3 * d.drain_timeout_s))
     async with AsyncExitStack() as stack:
+        obs = settings.observability
+        ops = OpsServer(health, metrics, obs.http_host, obs.http_port)
+        await ops.start()
+        stack.push_async_callback(ops.stop)
         http = HttpxClient(
             connect_timeout_s=d.connect_timeout_s,
             read_timeout_s=d.read_timeout_s,
@@ -81,6 +90,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 initial_pause_s=d.initial_backoff_s,
                 max_pause_s=d.max_backoff_s,
                 rng=rng,
+                on_change=partial(_breaker_changed, metrics, dest),
             )
             for dest in Destination
         }
@@ -93,6 +103,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             },
             breakers,
             rng=rng,
+            metrics=metrics,
         )
         ol = settings.openlayer
         router = Router(
@@ -124,7 +135,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(batcher.aclose)
         pipeline = Pipeline(
-            codec, router, delivery, dead_letters, batcher, kinds, rng=rng, max_backoff_s=d.max_backoff_s
+            codec,
+            router,
+            delivery,
+            dead_letters,
+            batcher,
+            kinds,
+            rng=rng,
+            max_backoff_s=d.max_backoff_s,
+            metrics=metrics,
         )
         consumer = build_consumer(settings.kafka)
         await consumer.start()
@@ -139,14 +158,27 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 drain_timeout_s=d.drain_timeout_s,
                 max_poll_records=settings.kafka.max_poll_records,
             ),
+            metrics,
+            health,
         )
         loop.subscribe(list(kinds))
         log.info("running", extra={"topics": list(kinds), "group_id": settings.kafka.group_id})
-        await loop.run(stop)
+        try:
+            await loop.run(stop)
+        except BaseException as exc:
+            health.fatal = str(exc)
+            raise
         log.info(
             "stopped cleanly",
             extra={"committed": {f"{tp.topic}-{tp.partition}": o for tp, o in loop.committed.items()}},
         )
+
+
+def _breaker_changed(metrics: Metrics, destination: Destination, state: BreakerState) -> None:
+    metrics.breaker_open.labels(destination.value).set(0 if state is BreakerState.CLOSED else 1)
+    log.warning(
+        "breaker " + ("closed" if state is BreakerState.CLOSED else "opened"), extra={"destination": destination.value}
+    )
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

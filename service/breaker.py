@@ -35,8 +35,10 @@ class Breaker:
         max_pause_s: float,
         rng: random.Random,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[BreakerState], None] = lambda state: None,
     ) -> None:
         self.name = name
+        self._on_change = on_change
         self._threshold = threshold
         self._initial = initial_pause_s
         self._max = max_pause_s
@@ -72,21 +74,27 @@ class Breaker:
         if self._state is not BreakerState.CLOSED:
             self._state = BreakerState.CLOSED
             self._changed.set()
+            self._on_change(self._state)
 
     def failed(self, retry_after_s: float | None, *, probe: bool) -> None:
         """A retryable failure; `retry_after_s` is the server's requested pause, already capped."""
         self._failures += 1
+        if self._state is not BreakerState.CLOSED and not probe:
+            # A call already in flight when the breaker opened: the same outage, not a new one, so it
+            # must not lengthen the pause, except that a server's own Retry-After is always honoured.
+            if retry_after_s is not None:
+                self._resume_at = max(self._resume_at, self._clock() + retry_after_s)
+            return
         if retry_after_s is None and not probe and self._failures < self._threshold:
             return
-        pause = backoff_s(self._opened, self._initial, self._max, self._rng)
-        if retry_after_s is not None:
-            pause = retry_after_s
+        pause = backoff_s(self._opened, self._initial, self._max, self._rng) if retry_after_s is None else retry_after_s
         self._opened += 1
-        resume_at = self._clock() + pause
-        # Several callers may fail at once; the latest requested resume time wins.
-        self._resume_at = max(self._resume_at, resume_at) if self._state is BreakerState.OPEN else resume_at
+        self._resume_at = self._clock() + pause
+        was = self._state
         self._state = BreakerState.OPEN
         self._changed.set()
+        if was is BreakerState.CLOSED:
+            self._on_change(self._state)
 
     def released(self) -> None:
         """The probe ended without a verdict (cancelled, or the record was not the API's to judge)."""

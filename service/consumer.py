@@ -22,6 +22,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from .errors import FatalError
+from .health import HealthState
+from .metrics import Metrics
 from .offsets import OffsetTracker
 from .records import Prepare, SourceRecord, Work
 
@@ -124,12 +126,22 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._loop.release(revoked)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        self._loop.health.joined = True
         log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
 
 
 class ConsumerLoop:
-    def __init__(self, consumer: AIOKafkaConsumer, prepare: Prepare, settings: LoopSettings) -> None:
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        prepare: Prepare,
+        settings: LoopSettings,
+        metrics: Metrics,
+        health: HealthState,
+    ) -> None:
         self._consumer = consumer
+        self._metrics = metrics
+        self.health = health
         self._prepare = prepare
         self._settings = settings
         self._workers: dict[TopicPartition, PartitionWorker] = {}
@@ -145,6 +157,7 @@ class ConsumerLoop:
         if self._fatal is None:
             log.error("stopping: a record could not be brought to a durable outcome", exc_info=exc)
             self._fatal = exc
+            self.health.fatal = str(exc)
         self._wake.set()
 
     @property
@@ -156,17 +169,21 @@ class ConsumerLoop:
         next_commit = time.monotonic() + self._settings.commit_interval_s
         try:
             while not stop.is_set() and self._fatal is None:
+                self.health.heartbeat()
                 batches = await self._consumer.getmany(
                     timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_poll_records
                 )
                 for tp, records in batches.items():
                     if records:
                         self._worker(tp).push([_source(r) for r in records])
+                        self._metrics.consumed.labels(tp.topic).inc(len(records))
                 self._apply_backpressure()
                 if time.monotonic() >= next_commit:
                     await self._commit(self._workers)
+                    self._observe()
                     next_commit = time.monotonic() + self._settings.commit_interval_s
         finally:
+            self.health.stopping = True
             await self.release(list(self._workers))
         if self._fatal is not None:
             raise FatalError(f"stopped after a fatal error: {self._fatal}") from self._fatal
@@ -188,6 +205,14 @@ class ConsumerLoop:
                 self._consumer.resume(tp)
                 self._paused.discard(tp)
 
+    def _observe(self) -> None:
+        self._metrics.in_flight.set(sum(w.backlog for w in self._workers.values()))
+        for tp, worker in self._workers.items():
+            highwater = self._consumer.highwater(tp)
+            done = worker.tracker.committable()
+            if highwater is not None and done is not None:
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))
+
     async def release(self, partitions: Collection[TopicPartition]) -> None:
         """Drain and commit `partitions` (revoke or stop); afterwards they are no longer ours."""
         workers = {tp: self._workers.pop(tp) for tp in partitions if tp in self._workers}
@@ -198,6 +223,9 @@ class ConsumerLoop:
         for tp in workers:
             self._committed.pop(tp, None)
             self._paused.discard(tp)
+            # A partition we no longer own must not keep reporting a stale lag.
+            with contextlib.suppress(KeyError):
+                self._metrics.lag.remove(tp.topic, str(tp.partition))
 
     async def _commit(self, workers: Mapping[TopicPartition, PartitionWorker]) -> None:
         owned = self._consumer.assignment()
@@ -208,8 +236,10 @@ class ConsumerLoop:
                 offsets[tp] = target
         if not offsets:
             return
+        started = time.monotonic()
         try:
             await self._consumer.commit(offsets)
+            self._metrics.commit_seconds.observe(time.monotonic() - started)
         except CommitFailedError as exc:
             # The group rebalanced under us; the new owner re-reads from the last commit.
             log.warning("commit refused by the group, records will be redelivered", extra={"error": str(exc)})

@@ -14,11 +14,13 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from .breaker import Breaker
 from .classify import Verdict, backoff_s, classify, retry_after_s
 from .errors import HttpEvidence, RejectedError
 from .httpclient import HttpClient, HttpResponse, TransportFailure
+from .metrics import Metrics
 from .routes import ApiRequest, Destination
 from .settings import DeliverySettings
 
@@ -44,8 +46,10 @@ class Delivery:
         breakers: Mapping[Destination, Breaker],
         *,
         rng: random.Random,
+        metrics: Metrics,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics
         self._client = client
         self._settings = settings
         self._headers = {
@@ -62,17 +66,21 @@ class Delivery:
     async def deliver(self, request: ApiRequest, record_timestamp_ms: int) -> DeliveryReport:
         breaker = self._breakers[request.destination]
         headers = self._headers[request.destination]
+        endpoint, destination = request.endpoint.value, request.destination.value
         attempt = 0
         conflicts = 0
         while True:
             probe = await breaker.admit()
             attempt += 1
+            started = time.monotonic()
             try:
                 async with self._slots[request.destination]:
                     response = await self._client.send(
                         request.method, request.url, request.params, headers, request.body
                     )
             except TransportFailure as exc:
+                self._metrics.call(endpoint, destination, None, time.monotonic() - started)
+                self._metrics.retries.labels(endpoint, exc.kind).inc()
                 breaker.failed(None, probe=probe)
                 log.warning(
                     "call failed, will retry",
@@ -84,10 +92,13 @@ class Delivery:
                 if probe:
                     breaker.released()
                 raise
+            self._metrics.call(endpoint, destination, response.status, time.monotonic() - started)
             verdict = classify(response.status, request.endpoint, response.headers)
             if verdict is Verdict.SUCCESS:
                 breaker.succeeded()
                 return DeliveryReport(status=response.status, attempts=attempt)
+            if verdict is not Verdict.REJECT:
+                self._metrics.retries.labels(endpoint, verdict.value).inc()
             if verdict is Verdict.RETRY:
                 pause = self._retry_after(response)
                 breaker.failed(pause, probe=probe)
@@ -125,7 +136,7 @@ class Delivery:
     def _rejection(self, request: ApiRequest, response: HttpResponse, attempts: int, verdict: Verdict) -> RejectedError:
         evidence = HttpEvidence(
             method=request.method,
-            url=request.url,
+            url=request.url + ("?" + urlencode(request.params) if request.params else ""),
             status=response.status,
             body=response.body[: self._settings.evidence_body_bytes].decode("utf-8", errors="replace"),
             attempts=attempts,

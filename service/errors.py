@@ -36,7 +36,7 @@ class HttpEvidence:
 
     method: str
     url: str
-    """The request URL with query values that could be secrets redacted."""
+    """The request URL with its query (record ids, never credentials: those travel in headers)."""
     status: int | None
     """None when no response arrived (connect error, timeout, reset)."""
     body: str = ""

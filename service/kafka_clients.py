@@ -16,7 +16,7 @@ from .errors import TransientError
 from .settings import KafkaSettings
 
 
-def _security(settings: KafkaSettings) -> dict[str, Any]:
+def security_options(settings: KafkaSettings) -> dict[str, Any]:
     options: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         context = ssl.create_default_context(cafile=settings.ssl_cafile)
@@ -43,7 +43,7 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        **_security(settings),
+        **security_options(settings),
     )
 
 
@@ -57,7 +57,7 @@ class KafkaDeadLetterProducer:
             acks="all",
             enable_idempotence=True,
             request_timeout_ms=int(send_timeout_s * 1000),
-            **_security(settings),
+            **security_options(settings),
         )
 
     async def start(self) -> None:

@@ -18,8 +18,9 @@ from .batching import Batcher
 from .classify import backoff_s
 from .deadletter import DeadLetterWriter
 from .delivery import Delivery
-from .errors import InternalError, RecordError, RegistryUnavailable
+from .errors import InternalError, RecordError, TransientError
 from .events import Event, EventKind, NewInference
+from .metrics import Metrics
 from .records import SourceRecord, Work
 from .routes import ApiRequest, PublishRow, RecordCoordinates, Router
 
@@ -42,7 +43,9 @@ class Pipeline:
         *,
         rng: random.Random,
         max_backoff_s: float,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._decoder = decoder
         self._router = router
         self._delivery = delivery
@@ -74,9 +77,11 @@ class Pipeline:
         while True:
             try:
                 return await self._decoder.decode(kind, record.value)
-            except RegistryUnavailable as exc:
+            except TransientError as exc:  # a registry outage: wait it out, the record is not at fault
                 attempt += 1
-                log.warning("schema registry unavailable, will retry", extra={**_where(record), "error": str(exc)})
+                log.warning(
+                    "decoding needs a service that is down, will retry", extra={**_where(record), "error": str(exc)}
+                )
                 await asyncio.sleep(backoff_s(attempt - 1, 0.5, self._max_backoff_s, self._rng))
 
     def _dead_work(self, record: SourceRecord, error: RecordError) -> Work:
@@ -86,6 +91,7 @@ class Pipeline:
     async def _publish(self, record: SourceRecord, row: PublishRow) -> None:
         try:
             await self._batcher.submit(row.batch_key, row.row_json)
+            self._metrics.delivered.labels(record.topic).inc()
         except RecordError as exc:
             await self._dead_letter(record, exc)
         except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
@@ -102,6 +108,7 @@ class Pipeline:
             log.exception("unexpected error delivering a record", extra=_where(record))
             await self._dead_letter(record, InternalError(f"{type(exc).__name__}: {exc}"))
             return
+        self._metrics.delivered.labels(record.topic).inc()
         log.debug(
             "delivered",
             extra={
@@ -114,6 +121,7 @@ class Pipeline:
 
     async def _dead_letter(self, record: SourceRecord, error: RecordError) -> None:
         await self._dead_letters.write(record, error)
+        self._metrics.dead_lettered.labels(record.topic, error.reason).inc()
         status = getattr(getattr(error, "evidence", None), "status", None)
         log.warning(
             "dead-lettered",

@@ -104,7 +104,10 @@ class Router:
         return self._update_log(event)
 
     def publish_config(self, event: NewInference) -> JsonObject:
-        config = event.config or self.pipeline_configs.get(event.pipeline_id) or self.default_config
+        config = event.config or None  # a record's empty config states nothing
+        if config is None:
+            # `get` and not `or`: an operator's `{}` for a pipeline is a choice, not an absence.
+            config = self.pipeline_configs.get(event.pipeline_id, self.default_config)
         if config is None:
             raise RouteError(
                 f"no config for pipeline {event.pipeline_id!r}: the record carries none and the operator "

@@ -9,12 +9,15 @@ environment variable, so an operator fixes them all in one go instead of one per
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "BRIDGE_"
 ENV_DELIMITER = "__"
@@ -28,6 +31,9 @@ class _Section(BaseModel):
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
         raise ValueError("must be an http:// or https:// URL")
+    if "@" in urlsplit(value).netloc:
+        # A password in a URL ends up in logs and in check-config's output; secrets have their own fields.
+        raise ValueError("must not carry credentials (user:password@); use the USERNAME/PASSWORD settings")
     return value.rstrip("/")
 
 
@@ -177,6 +183,8 @@ class DeadLetterSettings(_Section):
 class ObservabilitySettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    http_host: str = Field(default="0.0.0.0", description="where /metrics, /livez and /readyz listen")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
 
 
 class Settings(BaseSettings):
@@ -242,6 +250,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     settings: Settings | None = None
     try:
         settings = Settings() if environ is None else _from_mapping(environ)
+    except PydanticSettingsError as exc:
+        # Raised before validation when a JSON-typed variable is not JSON; it names the field.
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"{ENV_PREFIX}{field.group(1).upper()}{ENV_DELIMITER}..." if field else "a BRIDGE_* variable"
+        lines.append(f"  {name}: {exc.__cause__ or exc}")
     except ValidationError as exc:
         for err in exc.errors():
             problem = "is required but not set" if err["type"] == "missing" else err["msg"]

@@ -64,6 +64,7 @@ def bridge_environment(
         "BRIDGE_DELIVERY__INITIAL_BACKOFF_S": "0.05",
         "BRIDGE_DELIVERY__MAX_BACKOFF_S": "0.5",
         "BRIDGE_DELIVERY__DRAIN_TIMEOUT_S": "5",
+        "BRIDGE_OBSERVABILITY__HTTP_PORT": "0",
     }
     if registry_url is not None:
         env["BRIDGE_SCHEMA_REGISTRY__URL"] = registry_url

@@ -1,0 +1,72 @@
+"""Prometheus metrics: one registry per process, built in app.py and passed to whoever counts.
+
+Names follow Prometheus conventions (`_total` counters, base units, `bridge_` prefix). Labels are
+bounded sets (topic, partition, endpoint, destination, reason code, status class): never a record
+key, URL or message, so cardinality stays flat however bad the input is.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+def status_class(status: int | None) -> str:
+    return "error" if status is None else f"{status // 100}xx"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.consumed = Counter("bridge_records_consumed", "Records fetched from Kafka.", ["topic"], registry=r)
+        self.delivered = Counter("bridge_records_delivered", "Records their API accepted.", ["topic"], registry=r)
+        self.dead_lettered = Counter(
+            "bridge_records_dead_lettered", "Records written to a dead-letter topic.", ["topic", "reason"], registry=r
+        )
+        self.calls = Counter(
+            "bridge_api_calls", "HTTP calls by endpoint and status class.", ["endpoint", "status_class"], registry=r
+        )
+        self.call_seconds = Histogram(
+            "bridge_api_call_duration_seconds",
+            "HTTP call latency.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter("bridge_api_retries", "Calls that will be retried.", ["endpoint", "reason"], registry=r)
+        self.breaker_open = Gauge(
+            "bridge_breaker_open", "1 while a destination's breaker holds calls back.", ["destination"], registry=r
+        )
+        self.last_success = Gauge(
+            "bridge_api_last_success_timestamp_seconds",
+            "When a destination last accepted a call.",
+            ["destination"],
+            registry=r,
+        )
+        self.in_flight = Gauge("bridge_records_in_flight", "Records fetched and not yet done.", registry=r)
+        self.batch_rows = Histogram(
+            "bridge_publish_batch_rows", "Rows per Publish-records call.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.commit_seconds = Histogram(
+            "bridge_commit_duration_seconds", "Offset commit latency.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.lag = Gauge(
+            "bridge_consumer_lag",
+            "Records after the last done offset, per partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+
+    def call(self, endpoint: str, destination: str, status: int | None, seconds: float) -> None:
+        self.calls.labels(endpoint, status_class(status)).inc()
+        self.call_seconds.labels(endpoint).observe(seconds)
+        if status is not None and 200 <= status < 300:
+            self.last_success.labels(destination).set(time.time())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
