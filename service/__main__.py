@@ -1,4 +1,4 @@
-"""`python -m service` runs the bridge; `python -m service check-config` validates and prints settings.
+"""`python -m service` runs the bridge; `check-config` validates and prints settings; `replay` re-drives a DLQ.
 
 Exit codes: 0 after a clean stop, 2 for invalid settings (every problem is listed), 1 when the
 service stopped because it could not keep its delivery promise (nothing past it was committed).
@@ -31,8 +31,8 @@ async def _serve(settings: Settings) -> None:
 
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
-    if command not in ("run", "check-config"):
-        print(f"unknown command {command!r}; use: python -m service [run|check-config]", file=sys.stderr)
+    if command not in ("run", "check-config", "replay"):
+        print(f"unknown command {command!r}; use: python -m service [run|check-config|replay]", file=sys.stderr)
         return 2
     try:
         settings = load_settings()
@@ -43,6 +43,10 @@ def main(argv: list[str]) -> int:
         return _check_config(settings)
     obs = settings.observability
     configure_logging(obs.log_level, obs.log_format, Redactor(secrets_of(settings)))
+    if command == "replay":
+        from .replay import main as replay_main
+
+        return replay_main(argv[1:], settings)
     try:
         asyncio.run(_serve(settings))
     except BridgeError as exc:
