@@ -1,0 +1,547 @@
+"""Delivery over the real `HttpxClient` (and its exception conversion) with an `httpx.MockTransport` as the wire.
+
+Backoffs are a millisecond or so, so retries cost nothing; durations are never asserted, except one lower bound
+that the code guarantees (a Retry-After pause cannot end early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from service.breaker import Breaker, BreakerState
+from service.delivery import Delivery, DeliveryReport
+from service.errors import RejectedError
+from service.events import Event, LogUpdate, NewInference, RowUpdate
+from service.httpclient import HttpxClient
+from service.metrics import Metrics
+from service.routes import ApiRequest, Destination, RecordCoordinates, Router
+from service.settings import DeliverySettings
+
+OL = "https://openlayer.test/v1"
+HL = "https://humanloop.test/v4"
+OL_KEY = "ol-test-key-1234"
+HL_KEY = "hl-test-key-5678"
+PIPE = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"
+NOW = 1_800_000_000.0
+WHERE = RecordCoordinates("inferences", 0, 42, int(NOW * 1000))
+AUTH = {
+    Destination.OPENLAYER: {"authorization": f"Bearer {OL_KEY}"},
+    Destination.HUMANLOOP: {"x-api-key": HL_KEY},
+}
+ROUTER = Router(
+    openlayer_base_url=OL,
+    humanloop_base_url=HL,
+    pipeline_configs={},
+    default_config={"outputColumnName": "output"},
+    inference_id_column="inference_id",
+)
+
+PUBLISH = NewInference(pipeline_id=PIPE, row={"output": "42"})
+UPDATE_ROW = RowUpdate(pipeline_id=PIPE, inference_id="inf-1", row={"label": 1})
+UPDATE_LOG = LogUpdate(reference_id="ref-1", output="Paris", duration=1.5)
+
+Step = httpx.Response | Exception | Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def req(event: Event) -> ApiRequest:
+    return ROUTER.route(event, WHERE)
+
+
+class Wire:
+    """The other end of the MockTransport: answers with scripted steps (the last one repeats) and records calls."""
+
+    def __init__(self, *steps: Step) -> None:
+        assert steps
+        self.steps = list(steps)
+        self.requests: list[httpx.Request] = []
+        self.sent_at: list[float] = []
+        self._arrived = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.sent_at.append(time.monotonic())
+        self._arrived.set()
+        step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+        if isinstance(step, httpx.Response):
+            return step
+        if isinstance(step, Exception):
+            raise step
+        return await step(request)
+
+    async def reached(self, count: int) -> None:
+        """Return once `count` requests have arrived (guarded, so a hang fails instead of blocking)."""
+
+        async def wait() -> None:
+            while len(self.requests) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
+
+        await asyncio.wait_for(wait(), 10)
+
+    @property
+    def bodies(self) -> list[Any]:
+        return [json.loads(r.content) for r in self.requests]
+
+
+class MockedHttpxClient(HttpxClient):
+    """`HttpxClient.send` unchanged, over a MockTransport instead of a connection pool.
+
+    `HttpxClient.__init__` takes no transport, so it is not called; everything Delivery uses is `send`."""
+
+    def __init__(self, wire: Wire) -> None:
+        self._client = httpx.AsyncClient(transport=httpx.MockTransport(wire), follow_redirects=False)
+
+
+class RecordingBreaker(Breaker):
+    """A real breaker that also remembers the pauses callers asked it for."""
+
+    def __init__(self, name: str, settings: DeliverySettings) -> None:
+        super().__init__(
+            name,
+            threshold=settings.breaker_threshold,
+            initial_pause_s=settings.initial_backoff_s,
+            max_pause_s=settings.max_backoff_s,
+            rng=random.Random(5),
+        )
+        self.requested_pauses: list[float | None] = []
+
+    def failed(self, retry_after_s: float | None, *, probe: bool) -> None:
+        self.requested_pauses.append(retry_after_s)
+        super().failed(retry_after_s, probe=probe)
+
+
+def fast_settings(**overrides: Any) -> DeliverySettings:
+    values: dict[str, Any] = {"initial_backoff_s": 0.001, "max_backoff_s": 0.01, "breaker_threshold": 3}
+    return DeliverySettings(**{**values, **overrides})
+
+
+class Harness:
+    def __init__(self, wire: Wire, settings: DeliverySettings, wall_clock: Callable[[], float]) -> None:
+        self.wire = wire
+        self.client = MockedHttpxClient(wire)
+        self.breakers = {dest: RecordingBreaker(dest.value, settings) for dest in Destination}
+        self.delivery = Delivery(
+            self.client,
+            settings,
+            AUTH,
+            self.breakers,
+            rng=random.Random(3),
+            metrics=Metrics(),
+            wall_clock=wall_clock,
+        )
+
+    async def deliver(self, request: ApiRequest, timestamp_ms: int = WHERE.timestamp_ms) -> DeliveryReport:
+        # A guard, not a timing assertion: a delivery that hangs fails here instead of at the global timeout.
+        return await asyncio.wait_for(self.delivery.deliver(request, timestamp_ms), 20)
+
+    async def rejected(self, request: ApiRequest, timestamp_ms: int = WHERE.timestamp_ms) -> RejectedError:
+        with pytest.raises(RejectedError) as info:
+            await self.deliver(request, timestamp_ms)
+        return info.value
+
+
+def harness(*steps: Step, wall_clock: Callable[[], float] = lambda: NOW, **settings: Any) -> Harness:
+    return Harness(Wire(*steps), fast_settings(**settings), wall_clock)
+
+
+def ok() -> httpx.Response:
+    return httpx.Response(200, json={"success": True})
+
+
+def status(code: int, headers: dict[str, str] | None = None, body: bytes = b"") -> httpx.Response:
+    return httpx.Response(code, headers=headers, content=body)
+
+
+# --- success ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", [PUBLISH, UPDATE_ROW, UPDATE_LOG], ids=["publish", "update-row", "update-log"])
+async def test_success_on_the_first_try(event: Event) -> None:
+    h = harness(ok())
+    request = req(event)
+
+    report = await h.deliver(request)
+
+    assert report == DeliveryReport(status=200, attempts=1)
+    assert len(h.wire.requests) == 1
+    sent = h.wire.requests[0]
+    assert sent.method == request.method
+    assert str(sent.url.copy_with(query=None)) == request.url
+    assert list(sent.url.params.multi_items()) == list(request.params)
+    assert sent.content == request.body
+
+
+@pytest.mark.parametrize("code", [201, 204])
+async def test_any_2xx_is_success(code: int) -> None:
+    assert await harness(status(code)).deliver(req(UPDATE_LOG)) == DeliveryReport(status=code, attempts=1)
+
+
+async def test_503_503_200_is_delivered_after_three_attempts_with_the_same_body() -> None:
+    h = harness(status(503), status(503), ok())
+
+    report = await h.deliver(req(PUBLISH))
+
+    assert report == DeliveryReport(status=200, attempts=3)
+    assert len(h.wire.requests) == 3
+    bodies = h.wire.bodies
+    assert bodies[0] == bodies[1] == bodies[2], "a retried publish must carry the same inference id"
+
+
+@pytest.mark.parametrize("code", [408, 425, 429, 500, 502, 504, 529, 599])
+async def test_retryable_statuses_are_retried(code: int) -> None:
+    h = harness(status(code), ok())
+
+    assert await h.deliver(req(UPDATE_ROW)) == DeliveryReport(status=200, attempts=2)
+
+
+async def test_a_long_outage_is_waited_out_never_rejected() -> None:
+    # Far beyond the breaker threshold: the breaker opens, probes, re-opens, and still nothing is rejected.
+    steps: list[Step] = []
+    steps += [status(503)] * 12
+    steps += [httpx.ConnectError("refused")] * 5
+    steps += [status(502)] * 5
+    steps.append(ok())
+    h = harness(*steps, breaker_threshold=2)
+
+    report = await h.deliver(req(UPDATE_LOG))
+
+    assert report == DeliveryReport(status=200, attempts=23)
+    assert h.breakers[Destination.HUMANLOOP].state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(httpx.ConnectError("connection refused"), id="connect-error"),
+        pytest.param(httpx.ConnectTimeout("connect timed out"), id="connect-timeout"),
+        pytest.param(httpx.ReadTimeout("read timed out"), id="read-timeout"),
+        pytest.param(httpx.ReadError("connection reset by peer"), id="reset"),
+        pytest.param(httpx.RemoteProtocolError("server disconnected"), id="disconnect"),
+        pytest.param(httpx.WriteError("broken pipe"), id="write-error"),
+    ],
+)
+async def test_transport_failures_are_retried_then_succeed(failure: Exception) -> None:
+    h = harness(failure, failure, ok())
+
+    report = await h.deliver(req(PUBLISH))
+
+    assert report == DeliveryReport(status=200, attempts=3)
+    assert h.breakers[Destination.OPENLAYER].requested_pauses == [None, None]
+
+
+# --- Retry-After --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "pause"),
+    [
+        pytest.param({"retry-after": "0.05"}, 0.05, id="seconds"),
+        pytest.param({"retry-after-ms": "50"}, 0.05, id="milliseconds"),
+    ],
+)
+async def test_429_retry_after_is_honoured(headers: dict[str, str], pause: float) -> None:
+    h = harness(status(429, headers), ok())
+
+    report = await h.deliver(req(UPDATE_ROW))
+
+    assert report == DeliveryReport(status=200, attempts=2)
+    assert h.breakers[Destination.OPENLAYER].requested_pauses == [pytest.approx(pause)]
+    # A lower bound only, which the breaker guarantees: the retry cannot leave before the pause is over.
+    assert h.wire.sent_at[1] - h.wire.sent_at[0] >= pause
+
+
+async def test_retry_after_as_an_http_date_is_read_against_the_wall_clock() -> None:
+    date = "Fri, 15 Jan 2027 08:00:01 GMT"  # 1_800_000_001
+    h = harness(status(503, {"retry-after": date}), ok(), wall_clock=lambda: NOW + 0.97)
+
+    await h.deliver(req(UPDATE_LOG))
+
+    assert h.breakers[Destination.HUMANLOOP].requested_pauses == [pytest.approx(0.03)]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"retry-after": "3600"}, id="seconds"),
+        pytest.param({"retry-after-ms": "3600000"}, id="milliseconds"),
+        pytest.param({"retry-after": "Sat, 01 Jan 2050 00:00:00 GMT"}, id="far-date"),
+    ],
+)
+async def test_retry_after_is_capped(headers: dict[str, str]) -> None:
+    h = harness(status(429, headers), ok(), retry_after_cap_s=0.02)
+
+    report = await h.deliver(req(PUBLISH))
+
+    assert report.attempts == 2
+    assert h.breakers[Destination.OPENLAYER].requested_pauses == [0.02]
+
+
+async def test_retry_after_holds_the_whole_destination_but_not_the_other() -> None:
+    h = harness(status(429, {"retry-after": "3600"}), ok(), retry_after_cap_s=3600)
+    first = asyncio.create_task(h.delivery.deliver(req(PUBLISH), WHERE.timestamp_ms))
+    await h.wire.reached(1)
+    await asyncio.sleep(0.01)
+
+    held = asyncio.create_task(h.delivery.deliver(req(UPDATE_ROW), WHERE.timestamp_ms))
+    other = await h.deliver(req(UPDATE_LOG))
+    await asyncio.sleep(0.02)
+
+    assert other == DeliveryReport(status=200, attempts=1)
+    assert not first.done()
+    assert not held.done(), "a call to the paused destination went out during its Retry-After"
+    assert [r.url.host for r in h.wire.requests] == ["openlayer.test", "humanloop.test"]
+    for task in (first, held):
+        task.cancel()
+    await asyncio.gather(first, held, return_exceptions=True)
+
+
+# --- permanent refusals --------------------------------------------------------------------------------------------
+
+
+async def test_422_is_rejected_with_evidence() -> None:
+    detail = {"detail": [{"loc": ["body", "duration"], "msg": "x" * 5000, "type": "value_error"}]}
+    raw = json.dumps(detail).encode()
+    response = httpx.Response(
+        422,
+        content=raw,
+        headers={
+            "content-type": "application/json",
+            "x-request-id": "req-77",
+            "set-cookie": "session=abc",
+            "x-internal": "no",
+        },
+    )
+    h = harness(response, evidence_body_bytes=100)
+    request = req(UPDATE_LOG)
+
+    error = await h.rejected(request)
+
+    assert error.reason == "http-422"
+    evidence = error.evidence
+    assert evidence.status == 422
+    assert evidence.method == "PATCH"
+    assert evidence.url == f"{HL}/logs?reference_id=ref-1"
+    assert evidence.attempts == 1
+    assert evidence.body == raw[:100].decode()
+    assert evidence.headers == {"content-type": "application/json", "x-request-id": "req-77"}
+    assert "422" in str(error)
+    assert len(h.wire.requests) == 1
+
+
+async def test_evidence_truncation_never_breaks_on_a_split_character() -> None:
+    h = harness(status(400, body="é".encode() * 10), evidence_body_bytes=5)
+
+    error = await h.rejected(req(PUBLISH))
+
+    assert error.evidence.body.startswith("éé")
+    assert len(error.evidence.body) == 3  # two whole characters and a replacement for the cut one
+
+
+@pytest.mark.parametrize("code", [400, 401, 403, 413, 422, 501, 505])
+@pytest.mark.parametrize("event", [PUBLISH, UPDATE_ROW, UPDATE_LOG], ids=["publish", "update-row", "update-log"])
+async def test_permanent_statuses_are_rejected_at_once(code: int, event: Event) -> None:
+    h = harness(status(code))
+
+    error = await h.rejected(req(event))
+
+    assert (error.reason, error.evidence.status, error.evidence.attempts) == (f"http-{code}", code, 1)
+    assert len(h.wire.requests) == 1
+
+
+async def test_x_should_retry_false_rejects_a_503_at_once() -> None:
+    h = harness(status(503, {"x-should-retry": "false"}))
+
+    error = await h.rejected(req(PUBLISH))
+
+    assert (error.reason, error.evidence.attempts) == ("http-503", 1)
+
+
+async def test_x_should_retry_true_retries_a_400() -> None:
+    h = harness(status(400, {"x-should-retry": "true"}), ok())
+
+    assert (await h.deliver(req(PUBLISH))).attempts == 2
+
+
+async def test_a_redirect_is_not_followed() -> None:
+    # Following it would hand the API key to whatever host the Location names.
+    h = harness(status(302, {"location": "https://elsewhere.test/steal"}), ok())
+
+    error = await h.rejected(req(PUBLISH))
+
+    assert error.reason == "http-302"
+    assert [r.url.host for r in h.wire.requests] == ["openlayer.test"]
+
+
+# --- 409 --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2, 4])
+async def test_409_is_retried_conflict_retries_times_then_rejected(retries: int) -> None:
+    h = harness(status(409, body=b'{"code":409,"error":"lock timeout"}'), conflict_retries=retries)
+
+    error = await h.rejected(req(UPDATE_ROW))
+
+    assert error.reason == "conflict"
+    assert error.evidence.status == 409
+    assert error.evidence.attempts == retries + 1
+    assert len(h.wire.requests) == retries + 1
+
+
+async def test_409_then_success_is_delivered() -> None:
+    h = harness(status(409), ok(), conflict_retries=2)
+
+    assert await h.deliver(req(PUBLISH)) == DeliveryReport(status=200, attempts=2)
+
+
+# --- 404 ----------------------------------------------------------------------------------------------------------
+
+
+class SteppingClock:
+    """A wall clock that the fake API moves forward by `step_s` on every call it answers."""
+
+    def __init__(self, start: float, step_s: float) -> None:
+        self.now = start
+        self.step_s = step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def answer(self, response: httpx.Response) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+        async def step(_: httpx.Request) -> httpx.Response:
+            self.now += self.step_s
+            return response
+
+        return step
+
+
+@pytest.mark.parametrize("event", [UPDATE_ROW, UPDATE_LOG], ids=["update-row", "update-log"])
+async def test_404_on_an_update_is_retried_within_the_grace_window_then_rejected(event: Event) -> None:
+    # The record was written at NOW; each answer takes 100 s; the grace is 250 s: answers at +100, +200 are
+    # inside it, the one at +300 is not.
+    clock = SteppingClock(NOW, 100.0)
+    h = Harness(
+        Wire(clock.answer(status(404, body=b'{"code":404,"error":"no such row"}'))),
+        fast_settings(not_found_grace_s=250.0),
+        clock,
+    )
+
+    error = await h.rejected(req(event), timestamp_ms=int(NOW * 1000))
+
+    assert error.reason == "not-found-after-grace"
+    assert error.evidence.status == 404
+    assert error.evidence.attempts == 3
+    assert len(h.wire.requests) == 3
+
+
+async def test_404_on_an_update_then_success_within_grace_is_delivered() -> None:
+    h = harness(status(404), status(404), ok(), not_found_grace_s=600.0)
+
+    assert await h.deliver(req(UPDATE_ROW)) == DeliveryReport(status=200, attempts=3)
+
+
+async def test_404_on_an_update_older_than_the_grace_is_rejected_at_once() -> None:
+    h = harness(status(404), ok(), not_found_grace_s=600.0, wall_clock=lambda: NOW + 601)
+
+    error = await h.rejected(req(UPDATE_LOG), timestamp_ms=int(NOW * 1000))
+
+    assert (error.reason, error.evidence.attempts) == ("not-found-after-grace", 1)
+
+
+async def test_404_on_publish_is_rejected_at_once_even_for_a_fresh_record() -> None:
+    h = harness(status(404), ok(), not_found_grace_s=600.0)
+
+    error = await h.rejected(req(PUBLISH), timestamp_ms=int(NOW * 1000))
+
+    assert (error.reason, error.evidence.attempts) == ("http-404", 1)
+    assert len(h.wire.requests) == 1
+
+
+# --- what reaches the wire -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "present", "absent"),
+    [
+        pytest.param(PUBLISH, {"authorization": f"Bearer {OL_KEY}"}, "x-api-key", id="publish-bearer"),
+        pytest.param(UPDATE_ROW, {"authorization": f"Bearer {OL_KEY}"}, "x-api-key", id="update-row-bearer"),
+        pytest.param(UPDATE_LOG, {"x-api-key": HL_KEY}, "authorization", id="update-log-api-key"),
+    ],
+)
+async def test_auth_and_content_headers_reach_the_wire(event: Event, present: dict[str, str], absent: str) -> None:
+    h = harness(ok())
+
+    await h.deliver(req(event))
+
+    headers = h.wire.requests[0].headers
+    for name, value in present.items():
+        assert headers[name] == value
+    assert absent not in headers
+    assert headers["content-type"] == "application/json"
+    assert headers["accept"] == "application/json"
+
+
+async def test_query_values_are_encoded_on_the_wire() -> None:
+    h = harness(ok())
+
+    await h.deliver(req(RowUpdate(pipeline_id=PIPE, inference_id="a&b=c d/é", row={"x": 1})))
+
+    url = h.wire.requests[0].url
+    assert url.params["inferenceId"] == "a&b=c d/é"
+    assert url.path == f"/v1/inference-pipelines/{PIPE}/rows"
+
+
+async def test_evidence_never_holds_an_api_key() -> None:
+    h = harness(status(401, {"content-type": "application/json"}, b'{"code":401,"error":"Invalid API key"}'))
+
+    error = await h.rejected(req(PUBLISH))
+
+    assert OL_KEY not in repr(error.evidence)
+    assert OL_KEY not in str(error)
+
+
+# --- breaker bookkeeping --------------------------------------------------------------------------------------------
+
+
+async def test_a_cancelled_probe_releases_the_breaker() -> None:
+    gate = asyncio.Event()
+
+    async def hang(_: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        return ok()
+
+    h = harness(httpx.ConnectError("refused"), hang, ok(), breaker_threshold=1)
+    breaker = h.breakers[Destination.OPENLAYER]
+    first = asyncio.create_task(h.delivery.deliver(req(PUBLISH), WHERE.timestamp_ms))
+    await h.wire.reached(2)  # the failure opened the breaker; the second call is its probe
+    assert breaker.state is BreakerState.HALF_OPEN
+
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+    assert breaker.state is not BreakerState.HALF_OPEN, "a cancelled probe left the breaker stuck half-open"
+    assert await h.deliver(req(UPDATE_ROW)) == DeliveryReport(status=200, attempts=1)
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_an_unexpected_exception_is_not_swallowed() -> None:
+    h = harness(RuntimeError("bug in a transport"))
+
+    with pytest.raises(RuntimeError, match="bug in a transport"):
+        await h.deliver(req(PUBLISH))
+
+
+async def test_a_permanent_refusal_closes_an_open_breaker() -> None:
+    # The API answered about the record, so the destination is healthy again.
+    h = harness(status(503), status(422), breaker_threshold=1)
+
+    await h.rejected(req(UPDATE_LOG))
+
+    assert h.breakers[Destination.HUMANLOOP].state is BreakerState.CLOSED
