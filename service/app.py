@@ -12,10 +12,12 @@ import contextlib
 import logging
 import random
 import signal
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 from functools import partial
 
 import httpx
+from aiokafka.errors import KafkaError
 
 from .batching import Batcher
 from .breaker import Breaker, BreakerState
@@ -23,6 +25,7 @@ from .codec import AvroCodec, SchemaSet
 from .consumer import ConsumerLoop, LoopSettings
 from .deadletter import DeadLetterWriter, Redactor
 from .delivery import Delivery
+from .errors import FatalError
 from .events import EventKind
 from .health import HealthState, OpsServer
 from .httpclient import HttpxClient
@@ -115,8 +118,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
 
         producer = KafkaDeadLetterProducer(settings.kafka, settings.dead_letter.send_timeout_s)
-        await producer.start()
-        stack.push_async_callback(producer.stop)
+        stack.push_async_callback(producer.stop)  # before start: a half-started client still needs closing
+        await _start_kafka_client(producer.start(), settings.kafka.bootstrap_servers)
         dead_letters = DeadLetterWriter(
             producer,
             topic_for=settings.topics.dead_letter_topic,
@@ -146,8 +149,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             metrics=metrics,
         )
         consumer = build_consumer(settings.kafka)
-        await consumer.start()
         stack.push_async_callback(consumer.stop)
+        await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
         loop = ConsumerLoop(
             consumer,
             pipeline.prepare,
@@ -172,6 +175,14 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             "stopped cleanly",
             extra={"committed": {f"{tp.topic}-{tp.partition}": o for tp, o in loop.committed.items()}},
         )
+
+
+async def _start_kafka_client(starting: Awaitable[None], bootstrap: str) -> None:
+    """Start a Kafka client; an unreachable or refusing cluster is a clear start-up error, not a traceback."""
+    try:
+        await starting
+    except KafkaError as exc:
+        raise FatalError(f"cannot start a Kafka client against {bootstrap}: {type(exc).__name__}: {exc}") from exc
 
 
 def _breaker_changed(metrics: Metrics, destination: Destination, state: BreakerState) -> None:

@@ -39,23 +39,31 @@ def _http_url(value: str) -> str:
 
 class KafkaSettings(_Section):
     bootstrap_servers: str = Field(min_length=1, description="host:port[,host:port...]")
-    group_id: str = Field(default="inference-bridge", min_length=1)
-    client_id: str = "inference-bridge"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    session_timeout_ms: int = Field(default=45_000, ge=1_000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
-    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
-    max_poll_records: int = Field(default=500, ge=1)
-    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=1024)
-    commit_interval_s: float = Field(default=1.0, gt=0)
+    group_id: str = Field(default="inference-bridge", min_length=1, description="consumer group; replicas share it")
+    client_id: str = Field(default="inference-bridge", description="client id in broker logs and quotas")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest", description="where a group without commits starts; latest skips the backlog"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="how to reach the brokers"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, description="required with SASL_*"
+    )
+    sasl_username: str | None = Field(default=None, description="required with SASL_*")
+    sasl_password: SecretStr | None = Field(default=None, description="secret; required with SASL_*")
+    ssl_cafile: str | None = Field(default=None, description="PEM CA bundle for a private CA (else the system CAs)")
+    ssl_certfile: str | None = Field(default=None, description="PEM client certificate, for mutual TLS")
+    ssl_keyfile: str | None = Field(default=None, description="PEM client key, for mutual TLS")
+    session_timeout_ms: int = Field(default=45_000, ge=1_000, description="a silent member leaves the group after this")
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="group heartbeat period")
+    max_poll_interval_ms: int = Field(
+        default=300_000, ge=1_000, description="longest gap between polls; the loop polls even while paused"
+    )
+    max_poll_records: int = Field(default=500, ge=1, description="records per poll")
+    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes per fetch response")
+    max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=1024, description="bytes per partition per fetch")
+    commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are committed")
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
@@ -69,10 +77,10 @@ class KafkaSettings(_Section):
 
 
 class TopicSettings(_Section):
-    inferences: str = Field(default="inferences", min_length=1)
-    row_updates: str = Field(default="inference-row-updates", min_length=1)
-    log_updates: str = Field(default="log-updates", min_length=1)
-    dlq_suffix: str = Field(default=".dlq", min_length=1)
+    inferences: str = Field(default="inferences", min_length=1, description="new inferences -> Publish records")
+    row_updates: str = Field(default="inference-row-updates", min_length=1, description="row updates -> Update record")
+    log_updates: str = Field(default="log-updates", min_length=1, description="log updates -> Update By Reference")
+    dlq_suffix: str = Field(default=".dlq", min_length=1, description="dead-letter topic = source topic + suffix")
     dlq_overrides: dict[str, str] = Field(
         default_factory=dict, description="source topic -> dead-letter topic, when <topic><suffix> won't do"
     )
@@ -89,8 +97,8 @@ class TopicSettings(_Section):
 
 
 class OpenlayerSettings(_Section):
-    base_url: str = "https://api.openlayer.com/v1"
-    api_key: SecretStr
+    base_url: str = Field(default="https://api.openlayer.com/v1", description="Openlayer API root")
+    api_key: SecretStr = Field(description="secret; sent as Authorization: Bearer")
     pipeline_configs: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="pipeline id -> Publish-records config (camelCase JSON), used when a record has none",
@@ -115,17 +123,17 @@ class OpenlayerSettings(_Section):
 
 
 class HumanloopSettings(_Section):
-    base_url: str = "https://api.humanloop.com/v4"
-    api_key: SecretStr
+    base_url: str = Field(default="https://api.humanloop.com/v4", description="Humanloop v4 API root")
+    api_key: SecretStr = Field(description="secret; sent as X-API-KEY")
 
     _check_url = field_validator("base_url")(_http_url)
     _key_present = field_validator("api_key")(OpenlayerSettings._key_present.__func__)  # type: ignore[attr-defined]
 
 
 class SchemaRegistrySettings(_Section):
-    url: str | None = None
-    username: str | None = None
-    password: SecretStr | None = None
+    url: str | None = Field(default=None, description="Confluent-compatible registry root, for framed records")
+    username: str | None = Field(default=None, description="registry basic-auth user")
+    password: SecretStr | None = Field(default=None, description="secret; registry basic-auth password")
     wire_format: Literal["auto", "plain", "confluent"] = Field(
         default="auto",
         description="auto: Confluent framing (magic byte 0) when a registry is configured, else plain Avro",
@@ -144,16 +152,18 @@ class SchemaRegistrySettings(_Section):
 
 
 class DeliverySettings(_Section):
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=30.0, gt=0)
-    initial_backoff_s: float = Field(default=0.5, gt=0)
-    max_backoff_s: float = Field(default=30.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="per attempt")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="per attempt; a timeout is retried")
+    initial_backoff_s: float = Field(default=0.5, gt=0, description="first retry delay (doubles, jittered)")
+    max_backoff_s: float = Field(default=30.0, gt=0, description="longest retry delay and breaker pause")
     retry_after_cap_s: float = Field(default=60.0, gt=0, description="longest server-requested pause honoured")
     conflict_retries: int = Field(default=2, ge=0, description="409 retries before the record is rejected")
     not_found_grace_s: float = Field(
         default=600.0, ge=0, description="how long a 404 on an update is retried, from the record's timestamp"
     )
-    evidence_body_bytes: int = Field(default=4096, ge=0, le=65536)
+    evidence_body_bytes: int = Field(
+        default=4096, ge=0, le=65536, description="response body bytes kept in a dead letter's headers"
+    )
     max_connections: int = Field(default=64, ge=1, description="concurrent calls per destination")
     max_in_flight_per_partition: int = Field(
         default=256, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
@@ -170,19 +180,19 @@ class DeliverySettings(_Section):
 class BatchSettings(_Section):
     """Publish-records batching of new inferences (rows of one pipeline and config share a call)."""
 
-    max_rows: int = Field(default=500, ge=1, le=10_000)
+    max_rows: int = Field(default=500, ge=1, le=10_000, description="rows per Publish-records call")
     max_bytes: int = Field(default=1_000_000, ge=1024, description="row JSON bytes per call")
     linger_ms: float = Field(default=20.0, ge=0, description="how long a batch waits for more rows")
 
 
 class DeadLetterSettings(_Section):
     send_attempts: int = Field(default=5, ge=1, description="tries before a failed DLQ write stops the service")
-    send_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0, description="per dead-letter write attempt")
 
 
 class ObservabilitySettings(_Section):
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="root log level")
+    log_format: Literal["json", "text"] = Field(default="json", description="one JSON object per line, or text")
     http_host: str = Field(default="0.0.0.0", description="where /metrics, /livez and /readyz listen")
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
 
