@@ -177,12 +177,29 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         )
 
 
+class _LastError(logging.Handler):
+    """Keeps aiokafka's last error line: its exceptions say "unable to bootstrap", its log says why."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
 async def _start_kafka_client(starting: Awaitable[None], bootstrap: str) -> None:
     """Start a Kafka client; an unreachable or refusing cluster is a clear start-up error, not a traceback."""
+    cause = _LastError()
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log.addHandler(cause)
     try:
         await starting
     except KafkaError as exc:
-        raise FatalError(f"cannot start a Kafka client against {bootstrap}: {type(exc).__name__}: {exc}") from exc
+        why = f" ({cause.message})" if cause.message else ""
+        raise FatalError(f"cannot start a Kafka client against {bootstrap}: {exc}{why}") from exc
+    finally:
+        kafka_log.removeHandler(cause)
 
 
 def _breaker_changed(metrics: Metrics, destination: Destination, state: BreakerState) -> None:

@@ -21,7 +21,16 @@ def security_options(settings: KafkaSettings) -> dict[str, Any]:
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         context = ssl.create_default_context(cafile=settings.ssl_cafile)
         if settings.ssl_certfile:
-            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+
+            def _encrypted_key() -> str:
+                # Without a callback OpenSSL prompts for a passphrase on the terminal: start-up blocks
+                # on a TTY, and without one fails with a bare "[Errno 22] Invalid argument".
+                raise OSError(
+                    f"the client key {settings.ssl_keyfile or settings.ssl_certfile} is encrypted; "
+                    "BRIDGE_KAFKA__SSL_KEYFILE must be an unencrypted PEM key"
+                )
+
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile, password=_encrypted_key)
         options["ssl_context"] = context
     if settings.security_protocol.startswith("SASL"):
         options["sasl_mechanism"] = settings.sasl_mechanism

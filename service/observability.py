@@ -36,7 +36,18 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return self._redact(orjson.dumps(entry, default=str).decode())
+        # Redact before encoding too: JSON escaping would hide a secret that contains " or \.
+        scrubbed = self._scrub(entry)
+        return self._redact(orjson.dumps(scrubbed, default=lambda v: self._redact(str(v))).decode())
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, dict):
+            return {k: self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub(v) for v in value]
+        return value
 
 
 class TextFormatter(logging.Formatter):

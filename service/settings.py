@@ -66,6 +66,18 @@ class KafkaSettings(_Section):
     commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are committed")
 
     @model_validator(mode="after")
+    def _tls_consistent(self) -> KafkaSettings:
+        tls_files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
+        given = [name for name, value in tls_files.items() if value]
+        if given and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"{', '.join(given)} set but security_protocol is {self.security_protocol}, which has no TLS"
+            )
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("mutual TLS needs both ssl_certfile and ssl_keyfile")
+        return self
+
+    @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL") and not (
             self.sasl_mechanism and self.sasl_username and self.sasl_password

@@ -145,11 +145,19 @@ class LocalKafkaBroker:
     """One KRaft node on free 127.0.0.1 ports; `restart()` keeps its data dir, ports and cluster id.
 
     `extra_properties` override the defaults (e.g. SASL/SSL listeners); their values may use `{port}`
-    (PLAINTEXT), `{cport}` (CONTROLLER) and `{xport}`, a spare free port kept in `extra_port`. Keep a
-    PLAINTEXT listener on `{port}`: readiness is probed there.
+    (PLAINTEXT), `{cport}` (CONTROLLER) and `{xport}`, a spare free port kept in `extra_port`, plus
+    `{xport2}` and `{xport3}` (`extra_ports` holds all three). Keep a PLAINTEXT listener on `{port}`:
+    readiness is probed there. `scram_users` (name -> password) are written into the metadata at format
+    time (`--add-scram`) with both SCRAM-SHA-256 and SCRAM-SHA-512 credentials.
     """
 
-    def __init__(self, jars_dir: Path, extra_properties: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        jars_dir: Path,
+        extra_properties: Mapping[str, str] | None = None,
+        *,
+        scram_users: Mapping[str, str] | None = None,
+    ) -> None:
         if not any(jars_dir.glob("kafka_2.13-*.jar")):
             raise FileNotFoundError(_MISSING_JARS.format(jars_dir))
         java_home = os.environ.get("JAVA_HOME")
@@ -159,10 +167,12 @@ class LocalKafkaBroker:
         self._java = java
         self._jars_dir = jars_dir.resolve()
         self._extra = dict(extra_properties or {})
+        self._scram_users = dict(scram_users or {})
         self._work: Path | None = None
         self.port = 0
         self.controller_port = 0
         self.extra_port = 0
+        self.extra_ports: tuple[int, int, int] = (0, 0, 0)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -237,7 +247,9 @@ class LocalKafkaBroker:
         (self._work / "tmp").mkdir()
         (self._work / "log4j2.properties").write_text(_LOG4J2)
         self.port, self.controller_port, self.extra_port = free_port(), free_port(), free_port()
+        self.extra_ports = (self.extra_port, free_port(), free_port())
         ports = {"port": self.port, "cport": self.controller_port, "xport": self.extra_port}
+        ports.update(xport2=self.extra_ports[1], xport3=self.extra_ports[2])
         text = _SERVER_PROPERTIES.format(data=self._work / "data", **ports)
         props = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
         props.update({key: value.format(**ports) for key, value in self._extra.items()})
@@ -245,6 +257,10 @@ class LocalKafkaBroker:
         config.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         tool = _find_class(self._jars_dir, "kafka.tools.StorageTool", "org.apache.kafka.tools.StorageTool")
         args = [tool, "format", "--standalone", "-t", _cluster_id(), "-c", str(config)]
+        for name, password in self._scram_users.items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                # argparse4j takes this as one argument; no shell is involved, so no quoting is needed
+                args += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         cmd = self._java_cmd(("-Xmx256m", "-XX:TieredStopAtLevel=1"), *args)
         done = subprocess.run(cmd, capture_output=True, timeout=120, check=False)
         if done.returncode != 0:

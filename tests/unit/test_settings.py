@@ -427,3 +427,37 @@ def test_check_config_with_missing_settings_exits_2_naming_them() -> None:
     assert "BRIDGE_OPENLAYER__API_KEY" not in done.stderr
     assert OL_KEY not in done.stdout + done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        pytest.param({"BRIDGE_KAFKA__SSL_CAFILE": "/ca.pem"}, "has no TLS", id="tls-file-without-tls"),
+        pytest.param(
+            {"BRIDGE_KAFKA__SECURITY_PROTOCOL": "SSL", "BRIDGE_KAFKA__SSL_KEYFILE": "/k.pem"},
+            "both ssl_certfile and ssl_keyfile",
+            id="key-without-cert",
+        ),
+        pytest.param(
+            {"BRIDGE_KAFKA__SECURITY_PROTOCOL": "SSL", "BRIDGE_KAFKA__SSL_CERTFILE": "/c.pem"},
+            "both ssl_certfile and ssl_keyfile",
+            id="cert-without-key",
+        ),
+    ],
+)
+def test_inconsistent_tls_settings_are_refused(overrides: dict[str, str], fragment: str) -> None:
+    message = load_error(env(**overrides))
+    assert "BRIDGE_KAFKA" in message
+    assert fragment in message
+
+
+def test_mutual_tls_settings_are_accepted() -> None:
+    settings = load_settings(
+        env(
+            BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL",
+            BRIDGE_KAFKA__SSL_CAFILE="/ca.pem",
+            BRIDGE_KAFKA__SSL_CERTFILE="/c.pem",
+            BRIDGE_KAFKA__SSL_KEYFILE="/k.pem",
+        )
+    )
+    assert (settings.kafka.ssl_certfile, settings.kafka.ssl_keyfile) == ("/c.pem", "/k.pem")
