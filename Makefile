@@ -12,7 +12,7 @@ MVN_DEP_PLUGIN := org.apache.maven.plugins:maven-dependency-plugin:3.8.1
 .PHONY: help install kafka-jars lint format test test-unit demo run check-config clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(KAFKA_JARS)/.complete: kafka-runtime/pom.xml
 
 kafka-jars: $(KAFKA_JARS)/.complete ## fetch a Kafka 4.x broker's jars from Maven Central (cached)
 
-lint: install ## ruff (lint + format check) and mypy --strict
+lint: install lint-docker lint-helm ## ruff (lint + format check), mypy --strict, hadolint, helm lint
 	$(VENV)/bin/ruff check service tests
 	$(VENV)/bin/ruff format --check service tests
 	$(VENV)/bin/mypy
@@ -39,7 +39,7 @@ format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format service tests
 	$(VENV)/bin/ruff check --fix service tests
 
-test: install kafka-jars ## the whole suite; starts a local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS is set
+test: install kafka-jars helm ## the whole suite; starts a local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS is set
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install ## unit tests only (no broker)

@@ -1,0 +1,175 @@
+{{/* Names and labels. */}}
+{{- define "inference-bridge.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "inference-bridge.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "inference-bridge.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "inference-bridge.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "inference-bridge.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "inference-bridge.labels" -}}
+helm.sh/chart: {{ include "inference-bridge.chart" . }}
+{{ include "inference-bridge.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "inference-bridge.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: bridge
+app.kubernetes.io/part-of: inference-bridge
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "inference-bridge.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "inference-bridge.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "inference-bridge.imageTag" -}}
+{{- default .Chart.AppVersion .Values.image.tag | trunc 63 }}
+{{- end }}
+
+{{- define "inference-bridge.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (include "inference-bridge.imageTag" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The settings the chart itself needs, with the service's defaults. */}}
+{{- define "inference-bridge.httpPort" -}}
+{{- $obs := .Values.config.observability | default dict }}
+{{- $port := dig "httpPort" 8080 $obs | int }}
+{{- if lt $port 1 }}
+{{- fail "config.observability.httpPort must be a fixed port (1-65535) in a pod: probes and the Service point at it" }}
+{{- end }}
+{{- $port }}
+{{- end }}
+
+{{- define "inference-bridge.drainTimeoutSeconds" -}}
+{{- $delivery := .Values.config.delivery | default dict }}
+{{- dig "drainTimeoutS" 20 $delivery | float64 | ceil | int }}
+{{- end }}
+
+{{- define "inference-bridge.terminationGracePeriodSeconds" -}}
+{{- $drain := include "inference-bridge.drainTimeoutSeconds" . | int }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain .Values.terminationGraceExtraSeconds }}
+{{- else }}
+{{- $grace := .Values.terminationGracePeriodSeconds | int }}
+{{- if le $grace $drain }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be above the drain timeout config.delivery.drainTimeoutS (%d s): the pod would be killed mid-drain" $grace $drain) }}
+{{- end }}
+{{- $grace }}
+{{- end }}
+{{- end }}
+
+{{/*
+One setting's value as an environment variable's text: maps as JSON, whole numbers without an exponent
+(YAML numbers reach templates as float64, and 16777216 would print as 1.6777216e+07).
+*/}}
+{{- define "inference-bridge.envValue" -}}
+{{- if or (kindIs "map" .) (kindIs "slice" .) }}
+{{- toJson . }}
+{{- else if kindIs "float64" . }}
+{{- if eq . (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- else }}
+{{- . }}
+{{- end }}
+{{- end }}
+
+{{- define "inference-bridge.secretEnv" -}}
+{{- $secret := .Values.secrets.existingSecret }}
+{{- $pairs := list
+      (list "BRIDGE_OPENLAYER__API_KEY" .Values.secrets.keys.openlayerApiKey)
+      (list "BRIDGE_HUMANLOOP__API_KEY" .Values.secrets.keys.humanloopApiKey)
+      (list "BRIDGE_KAFKA__SASL_USERNAME" .Values.secrets.keys.kafkaSaslUsername)
+      (list "BRIDGE_KAFKA__SASL_PASSWORD" .Values.secrets.keys.kafkaSaslPassword)
+      (list "BRIDGE_SCHEMA_REGISTRY__USERNAME" .Values.secrets.keys.schemaRegistryUsername)
+      (list "BRIDGE_SCHEMA_REGISTRY__PASSWORD" .Values.secrets.keys.schemaRegistryPassword) }}
+{{- range $pairs }}
+{{- if index . 1 }}
+- name: {{ index . 0 }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ index . 1 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* BRIDGE_* variables: one per key of .Values.config, then the secrets, then the TLS file paths. */}}
+{{- define "inference-bridge.env" -}}
+{{- $config := .Values.config | default dict }}
+{{- $kafka := $config.kafka | default dict }}
+{{- if not $kafka.bootstrapServers }}
+{{- fail "config.kafka.bootstrapServers is required (host:port[,host:port...])" }}
+{{- end }}
+{{- if not .Values.secrets.existingSecret }}
+{{- fail "secrets.existingSecret is required: the name of the Secret that holds the API keys" }}
+{{- end }}
+{{- if and .Values.kafkaTls.existingSecret (or $kafka.sslCafile $kafka.sslCertfile $kafka.sslKeyfile) }}
+{{- fail "set either kafkaTls.existingSecret or config.kafka.ssl*file, not both" }}
+{{- end }}
+{{- if and .Values.secrets.keys.kafkaSaslUsername $kafka.saslUsername }}
+{{- fail "set either secrets.keys.kafkaSaslUsername or config.kafka.saslUsername, not both" }}
+{{- end }}
+{{- if and .Values.secrets.keys.schemaRegistryUsername (dig "username" "" ($config.schemaRegistry | default dict)) }}
+{{- fail "set either secrets.keys.schemaRegistryUsername or config.schemaRegistry.username, not both" }}
+{{- end }}
+{{- $env := dict }}
+{{- range $key, $value := $config }}
+{{- if kindIs "map" $value }}
+{{- range $field, $v := $value }}
+{{- if not (kindIs "invalid" $v) }}
+{{- $_ := set $env (printf "BRIDGE_%s__%s" (snakecase $key) (snakecase $field) | upper) (include "inference-bridge.envValue" $v) }}
+{{- end }}
+{{- end }}
+{{- else if not (kindIs "invalid" $value) }}
+{{- $_ := set $env (printf "BRIDGE_%s" (snakecase $key) | upper) (include "inference-bridge.envValue" $value) }}
+{{- end }}
+{{- end }}
+{{- with .Values.kafkaTls }}
+{{- if .existingSecret }}
+{{- if .caKey }}{{ $_ := set $env "BRIDGE_KAFKA__SSL_CAFILE" (printf "%s/%s" .mountPath .caKey) }}{{ end }}
+{{- if .certKey }}{{ $_ := set $env "BRIDGE_KAFKA__SSL_CERTFILE" (printf "%s/%s" .mountPath .certKey) }}{{ end }}
+{{- if .keyKey }}{{ $_ := set $env "BRIDGE_KAFKA__SSL_KEYFILE" (printf "%s/%s" .mountPath .keyKey) }}{{ end }}
+{{- end }}
+{{- end }}
+{{- range $name, $value := $env }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- include "inference-bridge.secretEnv" . }}
+{{- end }}
+
+{{/* The Kafka topics the bridge consumes, from config.topics or the service's defaults. */}}
+{{- define "inference-bridge.topics" -}}
+{{- $t := .Values.config.topics | default dict }}
+{{- list (dig "inferences" "inferences" $t) (dig "rowUpdates" "inference-row-updates" $t) (dig "logUpdates" "log-updates" $t) | toJson }}
+{{- end }}
+
+{{- define "inference-bridge.metricsSelector" -}}
+{{- default (printf "namespace=%q,job=%q" .Release.Namespace (include "inference-bridge.fullname" .)) .Values.prometheusRule.selector }}
+{{- end }}

@@ -1,0 +1,554 @@
+"""Chart tests: render helm/inference-bridge with `helm template` and check the objects a platform team relies on.
+
+Two value sets: the defaults with only the required values, and tests/helm/values-full.yaml with every feature
+on and every setting set. The rendered environment is fed back to the service's own `load_settings`, so a
+setting the chart misses, misspells or formats wrongly fails here, not at a pod's start; alert expressions are
+checked against the metrics `service.metrics` really exports. helm comes from `make helm` (.cache/bin/helm):
+without it these tests fail, they never skip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.metrics import MetricWrapperBase
+from pydantic import BaseModel, SecretStr
+
+from service.metrics import Metrics
+from service.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+HELM = ROOT / ".cache" / "bin" / "helm"
+CHART = ROOT / "helm" / "inference-bridge"
+FULL_VALUES = Path(__file__).with_name("values-full.yaml")
+DOCKERFILE = ROOT / "Dockerfile"
+NAMESPACE = "streaming"
+RELEASE = "test"
+REQUIRED = ("--set", "config.kafka.bootstrapServers=kafka:9092", "--set", "secrets.existingSecret=bridge-keys")
+# A fixed cluster version: what the chart renders must not depend on how helm was built.
+KUBE_VERSION = "1.31.0"
+SERVICE_DEFAULT_DRAIN_S = 20.0
+
+Manifest = dict[str, Any]
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    if not HELM.exists():
+        pytest.fail(
+            f"{HELM.relative_to(ROOT)} is missing: run `make helm` first (chart tests never skip)", pytrace=False
+        )
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False, timeout=120)
+
+
+def template(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *args)
+
+
+def render(*args: str) -> list[Manifest]:
+    result = template(*args)
+    assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    for doc in docs:
+        assert isinstance(doc, dict), doc
+        assert {"apiVersion", "kind", "metadata"} <= doc.keys(), doc
+    return docs
+
+
+def render_error(*args: str) -> str:
+    result = template(*args)
+    assert result.returncode != 0, f"helm template {' '.join(args)} should have failed, rendered:\n{result.stdout}"
+    return result.stderr
+
+
+def by_kind(docs: Iterable[Manifest], kind: str) -> list[Manifest]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: Iterable[Manifest], kind: str) -> Manifest:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def pod_spec(docs: Iterable[Manifest]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(docs: Iterable[Manifest]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = pod_spec(docs)["containers"]
+    assert [c["name"] for c in containers] == ["bridge"]
+    return containers[0]
+
+
+def env_of(docs: Iterable[Manifest]) -> dict[str, dict[str, Any]]:
+    entries: list[dict[str, Any]] = container(docs)["env"]
+    names = [entry["name"] for entry in entries]
+    assert len(names) == len(set(names)), f"duplicate environment variables: {names}"
+    return {entry["name"]: entry for entry in entries}
+
+
+def bridge_env(docs: Iterable[Manifest]) -> dict[str, dict[str, Any]]:
+    return {name: entry for name, entry in env_of(docs).items() if name.upper().startswith(ENV_PREFIX)}
+
+
+def resolved_environ(docs: Iterable[Manifest]) -> dict[str, str]:
+    """The BRIDGE_* environment the pod would see, with a stand-in for each Secret value."""
+    environ = {}
+    for name, entry in bridge_env(docs).items():
+        if "value" in entry:
+            environ[name] = entry["value"]
+        else:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            environ[name] = f"from-secret-{ref['name']}-{ref['key']}"
+    return environ
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
+
+
+def settings_env_names() -> dict[str, bool]:
+    """Every BRIDGE_* variable service/settings.py reads, mapped to whether it is a secret."""
+    names: dict[str, bool] = {}
+    for section, field in Settings.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for name, sub in annotation.model_fields.items():
+                names[f"{ENV_PREFIX}{section}{ENV_DELIMITER}{name}".upper()] = _is_secret(sub.annotation)
+        else:
+            names[f"{ENV_PREFIX}{section}".upper()] = _is_secret(annotation)
+    return names
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Series names service.metrics exports, each with its label names."""
+    series: dict[str, set[str]] = {}
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, MetricWrapperBase):
+            continue
+        labels = set(metric._labelnames)
+        for family in metric.describe():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+            for suffix in suffixes:
+                series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+def drain_timeout(docs: Iterable[Manifest]) -> float:
+    value = bridge_env(docs).get("BRIDGE_DELIVERY__DRAIN_TIMEOUT_S")
+    return float(value["value"]) if value else SERVICE_DEFAULT_DRAIN_S
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_docs() -> list[Manifest]:
+    return render(*REQUIRED)
+
+
+@pytest.fixture(scope="module")
+def full_docs() -> list[Manifest]:
+    return render("-f", str(FULL_VALUES))
+
+
+@pytest.fixture(scope="module", params=["default", "full"])
+def docs(request: pytest.FixtureRequest, default_docs: list[Manifest], full_docs: list[Manifest]) -> list[Manifest]:
+    return default_docs if request.param == "default" else full_docs
+
+
+# --- what is rendered ----------------------------------------------------------------------------------------
+
+
+def test_default_values_render_only_the_core_objects(default_docs: list[Manifest]) -> None:
+    kinds = sorted(doc["kind"] for doc in default_docs)
+    assert kinds == ["Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    assert one(default_docs, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_full_values_render_every_optional_object(full_docs: list[Manifest]) -> None:
+    kinds = {doc["kind"] for doc in full_docs}
+    assert kinds == {
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+    }
+    # KEDA owns the replica count: a fixed one would fight its HPA on every upgrade.
+    assert "replicas" not in one(full_docs, "Deployment")["spec"]
+
+
+def test_objects_are_named_labelled_and_namespaced(docs: list[Manifest]) -> None:
+    for doc in docs:
+        meta = doc["metadata"]
+        assert len(meta["name"]) <= 63
+        assert meta["namespace"] == NAMESPACE
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert meta["labels"]["app.kubernetes.io/name"] == "inference-bridge"
+
+
+# --- the pod -------------------------------------------------------------------------------------------------
+
+
+def _dockerfile_user() -> tuple[int, int]:
+    users = re.findall(r"^USER\s+(\d+):(\d+)\s*$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert len(users) == 1, "the Dockerfile's final stage must set one numeric USER uid:gid"
+    return int(users[0][0]), int(users[0][1])
+
+
+def test_security_context_is_restricted_and_matches_the_image_user(docs: list[Manifest]) -> None:
+    uid, gid = _dockerfile_user()
+    pod = pod_spec(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == uid == 10001
+    assert pod["securityContext"]["runAsGroup"] == gid == 10001
+    assert pod["securityContext"]["fsGroup"] == gid
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    # A Service named bridge-* would otherwise inject BRIDGE_* variables the service rejects as unknown.
+    assert pod["enableServiceLinks"] is False
+    ctx = container(docs)["securityContext"]
+    assert ctx["runAsNonRoot"] is True
+    assert ctx["runAsUser"] == uid
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx.get("privileged", False) is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_tmp_is_the_only_writable_mount(docs: list[Manifest]) -> None:
+    pod = pod_spec(docs)
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert "emptyDir" in volumes["tmp"]
+    mounts = {mount["mountPath"]: mount for mount in container(docs)["volumeMounts"]}
+    assert mounts["/tmp"]["name"] == "tmp"
+    for path, mount in mounts.items():
+        assert path == "/tmp" or mount.get("readOnly") is True, f"{path} is mounted writable"
+
+
+def test_probes_use_the_health_endpoints_on_the_operations_port(docs: list[Manifest]) -> None:
+    c = container(docs)
+    port = int(bridge_env(docs)["BRIDGE_OBSERVABILITY__HTTP_PORT"]["value"])
+    assert c["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    assert c["startupProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # The startup probe, not a long initial delay, covers a slow first join.
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    service = one(docs, "Service")
+    assert service["spec"]["ports"] == [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_resources_are_requested_and_memory_is_limited(docs: list[Manifest]) -> None:
+    resources = container(docs)["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys()
+    assert "memory" in resources["limits"]
+
+
+def test_image_defaults_to_the_app_version_or_pins_a_digest(
+    default_docs: list[Manifest], full_docs: list[Manifest]
+) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert container(default_docs)["image"] == f"inference-bridge:{chart['appVersion']}"
+    assert container(full_docs)["image"].startswith("registry.example.com/ml/inference-bridge@sha256:")
+
+
+def test_exposed_port_and_schemas_dir_agree_with_the_image() -> None:
+    dockerfile = DOCKERFILE.read_text()
+    assert re.search(r"^EXPOSE 8080$", dockerfile, flags=re.MULTILINE)
+    assert "BRIDGE_SCHEMAS_DIR=/app/schemas" in dockerfile
+    assert "COPY schemas/ /app/schemas/" in dockerfile
+    assert 'ENTRYPOINT ["python", "-m", "service"]' in dockerfile
+
+
+# --- settings and secrets ------------------------------------------------------------------------------------
+
+
+def test_default_environment_is_accepted_by_the_service(default_docs: list[Manifest]) -> None:
+    settings = load_settings(resolved_environ(default_docs))
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+    assert settings.observability.http_port == 8080
+
+
+def test_full_values_reach_every_setting(full_docs: list[Manifest]) -> None:
+    expected = settings_env_names()
+    rendered = bridge_env(full_docs)
+    missing = sorted(expected.keys() - rendered.keys())
+    unknown = sorted(rendered.keys() - expected.keys())
+    assert not missing, f"settings the chart cannot set (add them to values.yaml/schema/values-full): {missing}"
+    assert not unknown, f"variables the service does not know (it would refuse to start): {unknown}"
+
+
+def test_full_environment_is_accepted_by_the_service_with_the_values_given(full_docs: list[Manifest]) -> None:
+    settings = load_settings(resolved_environ(full_docs))
+    assert settings.kafka.fetch_max_bytes == 16777216  # not 1.6777216e+07
+    assert settings.kafka.commit_interval_s == 2.5
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == "from-secret-inference-bridge-keys-kafka-password"
+    assert settings.kafka.ssl_cafile == "/etc/inference-bridge/kafka-tls/ca.crt"
+    assert settings.topics.dead_letter_topic("prod.inferences") == "prod.inferences.dlq"
+    assert settings.topics.dead_letter_topic("prod.log-updates") == "prod.log-updates.dead"
+    assert settings.openlayer.pipeline_configs["pipeline-123"]["inferenceIdColumnName"] == "id"
+    assert settings.openlayer.default_config == {"outputColumnName": "output"}
+    assert settings.delivery.drain_timeout_s == 45.5
+    assert settings.schema_registry.wire_format == "confluent"
+    assert settings.observability.http_port == 9464
+    assert str(settings.schemas_dir) == "/app/schemas"
+
+
+def test_secrets_come_only_from_secret_key_refs(docs: list[Manifest]) -> None:
+    secret_names = {name for name, secret in settings_env_names().items() if secret}
+    env = bridge_env(docs)
+    assert {"BRIDGE_OPENLAYER__API_KEY", "BRIDGE_HUMANLOOP__API_KEY"} <= env.keys()
+    for name in secret_names & env.keys():
+        entry = env[name]
+        assert "value" not in entry, f"{name} is set in clear"
+        ref = entry["valueFrom"]["secretKeyRef"]
+        assert ref["name"] in {"bridge-keys", "inference-bridge-keys"}
+    assert not by_kind(docs, "Secret"), "the chart must not create Secrets: keys never pass through values"
+
+
+def test_kafka_tls_files_come_from_a_read_only_secret_volume(full_docs: list[Manifest]) -> None:
+    volumes = {volume["name"]: volume for volume in pod_spec(full_docs)["volumes"]}
+    assert volumes["kafka-tls"]["secret"]["secretName"] == "kafka-client-tls"
+    env = bridge_env(full_docs)
+    for var, key in [("SSL_CAFILE", "ca.crt"), ("SSL_CERTFILE", "tls.crt"), ("SSL_KEYFILE", "tls.key")]:
+        assert env[f"BRIDGE_KAFKA__{var}"]["value"] == f"/etc/inference-bridge/kafka-tls/{key}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "replicaCount=three"), "/replicaCount"),
+        (("--set", "replicas=3"), "'replicas' not allowed"),
+        (("--set", "config.kafka.bootstrapSevers=typo:9092"), "'bootstrapSevers' not allowed"),
+        (("--set", "config.openlayer.apiKey=sk-in-clear"), "'apiKey' not allowed"),
+        (("--set", "config.kafka.saslPassword=in-clear"), "'saslPassword' not allowed"),
+        (("--set", "config.kafka.securityProtocol=TLS"), "/config/kafka/securityProtocol"),
+        (("--set", "config.delivery.drainTimeoutS=-1"), "/config/delivery/drainTimeoutS"),
+        (("--set", "config.observability.httpPort=70000"), "/config/observability/httpPort"),
+        (("--set", "extraEnv[0].name=BRIDGE_OPENLAYER__API_KEY", "--set", "extraEnv[0].value=x"), "/extraEnv/0/name"),
+        (("--set", "image.pullPolicy=Sometimes"), "/image/pullPolicy"),
+    ],
+)
+def test_schema_rejects_wrong_values(args: tuple[str, ...], message: str) -> None:
+    error = render_error(*REQUIRED, *args)
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error
+
+
+def test_required_values_are_named_when_missing() -> None:
+    error = render_error()
+    assert "/config/kafka/bootstrapServers" in error
+    assert "/secrets/existingSecret" in error
+
+
+def test_a_null_setting_keeps_the_service_default() -> None:
+    docs = render(*REQUIRED, "--set", "config.kafka.groupId=null", "--set", "config.delivery.drainTimeoutS=null")
+    env = bridge_env(docs)
+    assert "BRIDGE_KAFKA__GROUP_ID" not in env
+    assert "BRIDGE_DELIVERY__DRAIN_TIMEOUT_S" not in env
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] > SERVICE_DEFAULT_DRAIN_S
+
+
+# --- shutdown and availability -------------------------------------------------------------------------------
+
+
+def test_grace_period_outlasts_the_drain(docs: list[Manifest]) -> None:
+    grace = pod_spec(docs)["terminationGracePeriodSeconds"]
+    assert grace >= math.ceil(drain_timeout(docs)) + 10
+
+
+def test_grace_period_follows_a_longer_drain() -> None:
+    # --set-json: plain --set passes 90.5 as a string, which the schema rejects.
+    docs = render(*REQUIRED, "--set-json", "config.delivery.drainTimeoutS=90.5")
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] == 91 + 15
+
+
+def test_grace_period_shorter_than_the_drain_fails() -> None:
+    error = render_error(*REQUIRED, "--set", "terminationGracePeriodSeconds=20")
+    assert "must be above the drain timeout" in error
+
+
+def test_pod_disruption_budget_selects_the_pods(docs: list[Manifest]) -> None:
+    pdb = one(docs, "PodDisruptionBudget")
+    labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert ("maxUnavailable" in pdb["spec"]) != ("minAvailable" in pdb["spec"])
+
+
+def test_hpa_is_optional_and_owns_the_replica_count() -> None:
+    docs = render(*REQUIRED, "--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=4")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "test-inference-bridge",
+    }
+    assert hpa["spec"]["maxReplicas"] == 4
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in one(docs, "Deployment")["spec"]
+
+
+def test_hpa_and_keda_are_exclusive() -> None:
+    error = render_error(*REQUIRED, "--set", "autoscaling.enabled=true", "--set", "keda.enabled=true")
+    assert "exclusive" in error
+
+
+def test_keda_scales_on_the_lag_of_each_topic_of_the_group(full_docs: list[Manifest]) -> None:
+    scaled = one(full_docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == one(full_docs, "Deployment")["metadata"]["name"]
+    assert scaled["spec"]["maxReplicaCount"] == 12
+    triggers = scaled["spec"]["triggers"]
+    assert [t["metadata"]["topic"] for t in triggers] == [
+        "prod.inferences",
+        "prod.inference-row-updates",
+        "prod.log-updates",
+    ]
+    for trigger in triggers:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka"
+        assert meta["consumerGroup"] == "inference-bridge-prod"
+        assert meta["bootstrapServers"] == "kafka-0.kafka:9093,kafka-1.kafka:9093"
+        assert meta["lagThreshold"] == "5000"
+        assert meta["sasl"] == "scram_sha512"
+        assert meta["tls"] == "enable"
+        assert all(isinstance(value, str) for value in meta.values()), "KEDA metadata values are strings"
+        assert trigger["authenticationRef"]["name"] == "bridge-kafka"
+    auth = one(full_docs, "TriggerAuthentication")
+    refs = {ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "username": ("inference-bridge-keys", "kafka-username"),
+        "password": ("inference-bridge-keys", "kafka-password"),
+        "ca": ("kafka-client-tls", "ca.crt"),
+        "cert": ("kafka-client-tls", "tls.crt"),
+        "key": ("kafka-client-tls", "tls.key"),
+    }
+
+
+def test_keda_defaults_follow_the_service_settings() -> None:
+    docs = render(*REQUIRED, "--set", "keda.enabled=true")
+    triggers = one(docs, "ScaledObject")["spec"]["triggers"]
+    assert [t["metadata"]["topic"] for t in triggers] == ["inferences", "inference-row-updates", "log-updates"]
+    assert {t["metadata"]["consumerGroup"] for t in triggers} == {"inference-bridge"}
+    assert {t["metadata"]["tls"] for t in triggers} == {"disable"}
+    assert not by_kind(docs, "TriggerAuthentication")
+
+
+def test_keda_reads_a_plain_sasl_username_from_the_container_and_the_password_from_the_secret() -> None:
+    sasl = ("--set", "config.kafka.securityProtocol=SASL_PLAINTEXT", "--set", "config.kafka.saslMechanism=PLAIN")
+    user = ("--set", "config.kafka.saslUsername=bridge", "--set", "keda.enabled=true")
+    docs = render(*REQUIRED, *sasl, *user, "--set", "secrets.keys.kafkaSaslPassword=kafka-password")
+    auth = one(docs, "TriggerAuthentication")
+    assert auth["spec"]["env"] == [
+        {"parameter": "username", "name": "BRIDGE_KAFKA__SASL_USERNAME", "containerName": "bridge"}
+    ]
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": "bridge-keys", "key": "kafka-password"}
+    ]
+    assert {t["metadata"]["sasl"] for t in one(docs, "ScaledObject")["spec"]["triggers"]} == {"plaintext"}
+    error = render_error(*REQUIRED, *sasl, *user)
+    assert "secrets.keys.kafkaSaslPassword" in error
+
+
+# --- monitoring ----------------------------------------------------------------------------------------------
+
+
+def test_service_monitor_scrapes_the_metrics_endpoint(full_docs: list[Manifest]) -> None:
+    monitor = one(full_docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    service = one(full_docs, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def _alerts(docs: Iterable[Manifest]) -> dict[str, dict[str, Any]]:
+    rule = one(docs, "PrometheusRule")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def test_alerts_cover_lag_breaker_dead_letters_and_failing_calls(full_docs: list[Manifest]) -> None:
+    alerts = _alerts(full_docs)
+    assert "bridge_consumer_lag" in alerts["InferenceBridgeConsumerLagGrowing"]["expr"]
+    assert "offset 15m" in alerts["InferenceBridgeConsumerLagGrowing"]["expr"]
+    assert "bridge_breaker_open" in alerts["InferenceBridgeBreakerOpen"]["expr"]
+    assert "bridge_records_dead_lettered_total" in alerts["InferenceBridgeDeadLetterRate"]["expr"]
+    assert 'status_class="2xx"' in alerts["InferenceBridgeNoSuccessfulCall"]["expr"]
+    assert "unless" in alerts["InferenceBridgeNoSuccessfulCall"]["expr"]
+    assert "InferenceBridgeSlowCalls" in alerts  # additionalRules
+    for name, alert in alerts.items():
+        assert alert["labels"]["severity"] in {"info", "warning", "critical"}, name
+        assert re.fullmatch(r"\d+[smh]", alert["for"]), name
+        assert alert["expr"].count("(") == alert["expr"].count(")"), name
+    selector = 'namespace="streaming",job="bridge"'
+    assert selector in alerts["InferenceBridgeBreakerOpen"]["expr"]
+
+
+def test_alert_expressions_use_metrics_and_labels_the_service_exports(full_docs: list[Manifest]) -> None:
+    series = exported_series()
+    target_labels = {"namespace", "job", "instance", "pod"}
+    for name, alert in _alerts(full_docs).items():
+        expr = alert["expr"]
+        used = set(re.findall(r"\bbridge_[a-z0-9_]+", expr))
+        if not used:
+            assert re.search(r"\bup\{", expr), f"{name} uses no metric of the service nor up"
+            continue
+        unknown = used - series.keys()
+        assert not unknown, f"{name} uses metrics service.metrics does not export: {unknown}"
+        labels = {label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+        labels |= set(re.findall(r"([a-z_]+)=\"", expr))
+        allowed = set().union(*(series[metric] for metric in used)) | target_labels
+        assert labels <= allowed, f"{name} uses labels no series has: {labels - allowed}"
+
+
+def test_monitoring_is_off_by_default(default_docs: list[Manifest]) -> None:
+    for kind in ("ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ScaledObject", "HorizontalPodAutoscaler"):
+        assert not by_kind(default_docs, kind)
+
+
+# --- network policy ------------------------------------------------------------------------------------------
+
+
+def test_network_policy_admits_only_the_operations_port_and_needed_egress(full_docs: list[Manifest]) -> None:
+    policy = one(full_docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == one(full_docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    assert [rule["ports"] for rule in spec["ingress"]] == [[{"port": "http", "protocol": "TCP"}]]
+    egress_ports = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert {(53, "UDP"), (53, "TCP"), (9093, "TCP"), (443, "TCP"), (8081, "TCP"), (4317, "TCP")} == egress_ports
+
+
+# --- lint ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", ["default", "full"])
+def test_helm_lint_is_clean(values: str) -> None:
+    args = list(REQUIRED) if values == "default" else ["-f", str(FULL_VALUES)]
+    result = run_helm("lint", "--strict", str(CHART), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    findings = [line for line in result.stdout.splitlines() if re.match(r"\[(WARNING|ERROR)\]", line.strip())]
+    assert not findings, findings
