@@ -18,11 +18,12 @@ from collections import deque
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from .errors import FatalError
 from .health import HealthState
+from .kafka_clients import to_source_record
 from .metrics import Metrics
 from .offsets import OffsetTracker
 from .records import Prepare, SourceRecord, Work
@@ -175,7 +176,7 @@ class ConsumerLoop:
                 )
                 for tp, records in batches.items():
                     if records:
-                        self._worker(tp).push([_source(r) for r in records])
+                        self._worker(tp).push([to_source_record(r) for r in records])
                         self._metrics.consumed.labels(tp.topic).inc(len(records))
                 self._apply_backpressure()
                 if time.monotonic() >= next_commit:
@@ -248,15 +249,3 @@ class ConsumerLoop:
             log.warning("commit failed, will retry on the next tick", extra={"error": str(exc)})
             return
         self._committed.update(offsets)
-
-
-def _source(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
-    return SourceRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple(record.headers),
-        timestamp_ms=record.timestamp,
-    )

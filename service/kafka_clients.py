@@ -8,12 +8,26 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
 from .deadletter import DeadLetter
 from .errors import TransientError
+from .records import SourceRecord
 from .settings import KafkaSettings
+
+
+def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
+    """A fetched record as the plain value the rest of the service uses (headers as bytes, always)."""
+    return SourceRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple((name, bytes(value)) for name, value in record.headers),
+        timestamp_ms=record.timestamp,
+    )
 
 
 def security_options(settings: KafkaSettings) -> dict[str, Any]:

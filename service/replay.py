@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from .errors import BridgeError, FatalError
-from .kafka_clients import security_options
+from .kafka_clients import security_options, to_source_record
 from .records import SourceRecord
 from .settings import Settings
 
@@ -452,7 +452,7 @@ class _Replayer:
                         queued_replays = sum(1 for item in done if item.ack is not None)
                         if record.offset >= ends[tp] or self._limit_reached(queued_replays):
                             break
-                        done.append(await self._handle(tp, _letter(record), producer, catalog))
+                        done.append(await self._handle(tp, to_source_record(record), producer, catalog))
             except ReplayError:
                 # Keep what was sent before the failure: commit it once acknowledged, so a re-run
                 # does not replay it twice.
@@ -534,18 +534,6 @@ class _Replayer:
             await consumer.commit(commits)
         if failure is not None:
             raise ReplayError(f"replay not acknowledged: {_describe(failure)}") from failure
-
-
-def _letter(record: Any) -> SourceRecord:
-    return SourceRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple((name, bytes(value)) for name, value in record.headers),
-        timestamp_ms=record.timestamp,
-    )
 
 
 async def replay(settings: Settings, options: ReplayOptions, *, out: Callable[[str], None] = print) -> ReplaySummary:
