@@ -127,6 +127,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._loop.release(revoked)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        if self._loop.health.stopping:
+            return  # about to leave the group; these partitions will be reassigned without us
         self._loop.health.joined = True
         log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
 
@@ -147,7 +149,8 @@ class ConsumerLoop:
         self._settings = settings
         self._workers: dict[TopicPartition, PartitionWorker] = {}
         self._paused: set[TopicPartition] = set()
-        self._committed: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}  # owned partitions only: skips unchanged commits
+        self._history: dict[TopicPartition, int] = {}
         self._fatal: BaseException | None = None
         self._wake = asyncio.Event()
 
@@ -163,7 +166,8 @@ class ConsumerLoop:
 
     @property
     def committed(self) -> Mapping[TopicPartition, int]:
-        return self._committed
+        """Every offset this member committed, by partition, including partitions since released."""
+        return self._history
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; raises `FatalError` after a clean drain if a record failed fatally."""
@@ -186,6 +190,9 @@ class ConsumerLoop:
         finally:
             self.health.stopping = True
             await self.release(list(self._workers))
+            # Leave the group now rather than at teardown: a member that lingers after its last
+            # commit can be handed partitions again, and the group would wait for it.
+            self._consumer.unsubscribe()
         if self._fatal is not None:
             raise FatalError(f"stopped after a fatal error: {self._fatal}") from self._fatal
 
@@ -249,3 +256,4 @@ class ConsumerLoop:
             log.warning("commit failed, will retry on the next tick", extra={"error": str(exc)})
             return
         self._committed.update(offsets)
+        self._history.update(offsets)
