@@ -31,13 +31,13 @@ $(KAFKA_JARS)/.complete: kafka-runtime/pom.xml
 kafka-jars: $(KAFKA_JARS)/.complete ## fetch a Kafka 4.x broker's jars from Maven Central (cached)
 
 lint: install lint-docker lint-helm ## ruff (lint + format check), mypy --strict, hadolint, helm lint
-	$(VENV)/bin/ruff check service tests
-	$(VENV)/bin/ruff format --check service tests
+	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff format --check service tests bench
 	$(VENV)/bin/mypy
 
 format: install ## apply ruff's formatting and safe fixes
-	$(VENV)/bin/ruff format service tests
-	$(VENV)/bin/ruff check --fix service tests
+	$(VENV)/bin/ruff format service tests bench
+	$(VENV)/bin/ruff check --fix service tests bench
 
 test: install kafka-jars helm ## the whole suite; starts a local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS is set
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ from .delivery import Delivery
 from .errors import FatalError
 from .events import EventKind
 from .health import HealthState, OpsServer
-from .httpclient import HttpxClient
+from .httpclient import build_http_client
 from .kafka_clients import KafkaDeadLetterProducer, build_consumer
 from .metrics import Metrics
 from .pipeline import Pipeline, publish_batch
@@ -66,7 +66,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         ops = OpsServer(health, metrics, obs.http_host, obs.http_port)
         await ops.start()
         stack.push_async_callback(ops.stop)
-        http = HttpxClient(
+        http = build_http_client(
+            d.http_client,
             connect_timeout_s=d.connect_timeout_s,
             read_timeout_s=d.read_timeout_s,
             max_connections=d.max_connections * len(Destination),

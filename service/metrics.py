@@ -61,10 +61,20 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self._call_children: dict[tuple[str, str], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
 
     def call(self, endpoint: str, destination: str, status: int | None, seconds: float) -> None:
-        self.calls.labels(endpoint, status_class(status)).inc()
-        self.call_seconds.labels(endpoint).observe(seconds)
+        # Children are cached: `.labels()` costs more than the increment on the per-call path.
+        key = (endpoint, status_class(status))
+        counter = self._call_children.get(key)
+        if counter is None:
+            counter = self._call_children[key] = self.calls.labels(*key)
+        counter.inc()
+        histogram = self._latency_children.get(endpoint)
+        if histogram is None:
+            histogram = self._latency_children[endpoint] = self.call_seconds.labels(endpoint)
+        histogram.observe(seconds)
         if status is not None and 200 <= status < 300:
             self.last_success.labels(destination).set(time.time())
 

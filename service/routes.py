@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
@@ -95,6 +95,7 @@ class Router:
     pipeline_configs: Mapping[str, JsonObject]
     default_config: JsonObject | None
     inference_id_column: str
+    _operator_configs: dict[int, tuple[bytes, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def route(self, event: Event, where: RecordCoordinates) -> ApiRequest:
         if isinstance(event, NewInference):
@@ -118,22 +119,33 @@ class Router:
 
     def publish_row(self, event: NewInference, where: RecordCoordinates) -> PublishRow:
         """One row, serialised once, ready to share a Publish-records call with rows of the same batch."""
-        config = dict(self.publish_config(event))
-        id_column = config.setdefault("inferenceIdColumnName", self.inference_id_column)
-        if not isinstance(id_column, str) or not id_column:
-            raise RouteError(
-                f"config inferenceIdColumnName must be a column name, got {id_column!r}", reason="invalid-config"
-            )
+        config = self.publish_config(event)
+        if config is event.config:
+            config_json, id_column = self._prepare_config(config)
+        else:
+            # The operator's configs are a handful of long-lived objects: prepare each once, not per row.
+            prepared = self._operator_configs.get(id(config))
+            if prepared is None:
+                prepared = self._operator_configs[id(config)] = self._prepare_config(config)
+            config_json, id_column = prepared
         row = dict(event.row)
         row[id_column] = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
-        # Sorted keys make equal configs byte-equal, so they land in the same batch.
-        config_json = _json(config, sort_keys=True)
         return PublishRow(
             batch_key=(event.pipeline_id, config_json),
             pipeline_id=event.pipeline_id,
             config_json=config_json,
             row_json=_json(row),
         )
+
+    def _prepare_config(self, source: JsonObject) -> tuple[bytes, str]:
+        config = dict(source)
+        id_column = config.setdefault("inferenceIdColumnName", self.inference_id_column)
+        if not isinstance(id_column, str) or not id_column:
+            raise RouteError(
+                f"config inferenceIdColumnName must be a column name, got {id_column!r}", reason="invalid-config"
+            )
+        # Sorted keys make equal configs byte-equal, so they land in the same batch.
+        return _json(config, sort_keys=True), id_column
 
     def publish_request(self, pipeline_id: str, config_json: bytes, rows: Sequence[bytes]) -> ApiRequest:
         # The rows are already JSON; splicing them avoids serialising every row a second time.

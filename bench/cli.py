@@ -1,0 +1,193 @@
+"""`make bench` (`python -m bench`): the service's throughput, latency hiding, latency and memory,
+measured against the limits of its own stack on the same machine in the same run.
+
+It starts a local Kafka broker (or uses `KAFKA_BOOTSTRAP_SERVERS`) and the sink, runs the reference
+loops (`bench.refs`) pinned to the service's core, then the phases (`bench.harness`), and prints a
+table and, as its last line, one JSON object with every figure (`bench.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fastavro import parse_schema
+
+from . import kafka
+from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench, Options
+from .procs import Sink
+from .refs import REFERENCE_KEYS, Rate, run_all
+from .report import num, rounded, summary, table
+
+REPO = Path(__file__).resolve().parent.parent
+JARS = REPO / ".cache" / "kafka" / "jars"
+
+
+async def run_phases(bench: Bench) -> dict[str, Rate | None]:
+    o = bench.o
+    references: dict[str, Rate | None] = dict.fromkeys(REFERENCE_KEYS)
+    if "references" not in o.skip:
+        print("reference loops ...", flush=True)
+        values = list(bench.factory.values("inference", 20_000, "dec-"))
+        schema = parse_schema(bench.factory.encoder.raw["inference"])
+        core = int(SERVICE_CPU) if bench.pinning else None
+        base_url = f"{bench.sink.base_url}/openlayer/v1"
+        references = await run_all(base_url, values, schema, o.concurrency, core)
+        print("  " + ", ".join(f"{k} {num(v.per_s if v else None)}" for k, v in references.items()), flush=True)
+    plan = (
+        ("inferences", "inference", o.inference_records, 0.0),
+        ("row_updates", "row_update", o.update_records, 0.0),
+        ("log_updates", "log_update", o.update_records, 0.0),
+        ("row_updates_50ms", "row_update", o.update_records, 50.0),
+    )
+    for phase, kind, count, latency_ms in plan:
+        if phase in o.skip:
+            continue
+        print(f"phase {phase}: {count:,} {kind} records, sink latency {latency_ms:.0f} ms ...", flush=True)
+        res = await bench.backlog(phase, kind, count, latency_ms)
+        print(
+            f"  [{phase}] {res.rate:,.0f} {res.unit} over {res.window_s:.1f}s, service CPU "
+            f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, drained {res.drained}",
+            flush=True,
+        )
+    if "latency" not in o.skip:
+        measured = bench.results.get("row_updates")
+        if measured is None or measured.rate <= 0:
+            print("phase latency skipped: it needs the row_updates rate", flush=True)
+        else:
+            rate = measured.rate / 2
+            print(f"phase latency: row updates at {rate:,.0f}/s for {o.latency_seconds:.0f}s ...", flush=True)
+            res = await bench.latency(rate)
+            x = res.extra
+            if x:
+                print(
+                    f"  [latency] p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms, max {x['max_ms']:.1f} ms; "
+                    f"p50/max ms by second of production (the first {x['warmup_s']:.0f} are warm-up): "
+                    + " ".join(f"{p}/{m}" for p, m in x["by_second"]),
+                    flush=True,
+                )
+    return references
+
+
+def _machine(pinning: bool, external: bool) -> dict[str, Any]:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pinned": pinning,
+        "external_broker": external,
+        "load_start": _load(),
+        "load_end": None,
+    }
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: checks the harness, not the service")
+    parser.add_argument("--inferences", type=int, help="inference backlog (default 1,000,000; quick 100,000)")
+    parser.add_argument("--updates", type=int, help="records per update phase (default 40,000; quick 5,000)")
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--concurrency", type=int, default=256, help="BRIDGE_DELIVERY__MAX_CONNECTIONS and refs")
+    parser.add_argument("--latency-seconds", type=float, help="paced-producer duration (default 20; quick 5)")
+    parser.add_argument("--latency-warmup", type=float, help="paced seconds before measuring (default 10; quick 3)")
+    parser.add_argument("--phase-timeout", type=float, default=150.0, help="cap per update phase, seconds")
+    parser.add_argument("--inference-timeout", type=float, default=360.0, help="cap on the inference phase, seconds")
+    parser.add_argument("--http-client", choices=("aiohttp", "httpx"), help="sets BRIDGE_DELIVERY__HTTP_CLIENT")
+    parser.add_argument("--service-dir", type=Path, default=REPO, help="where `python -m service` runs from")
+    parser.add_argument("--profile", type=Path, nargs="?", const=Path(), help="py-spy every service run into DIR")
+    parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames, the GC)")
+    parser.add_argument("--set", action="append", default=[], metavar="BRIDGE_X=V", help="extra service setting")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=(*PHASES, "references"), help="leave a phase out"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    # Producing right after topic creation meets a leader election or two; aiokafka retries them.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    started = time.monotonic()
+    work_dir = REPO / ".cache" / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    profile_dir = None if args.profile is None else (args.profile if str(args.profile) != "." else work_dir)
+    options = Options(
+        inference_records=args.inferences or (100_000 if args.quick else 1_000_000),
+        update_records=args.updates or (5_000 if args.quick else 40_000),
+        partitions=args.partitions,
+        concurrency=args.concurrency,
+        latency_seconds=args.latency_seconds or (5.0 if args.quick else 20.0),
+        latency_warmup_s=args.latency_warmup if args.latency_warmup is not None else (3.0 if args.quick else 10.0),
+        phase_timeout_s=args.phase_timeout,
+        inference_timeout_s=args.inference_timeout,
+        http_client=args.http_client,
+        service_dir=args.service_dir.resolve(),
+        profile_dir=profile_dir,
+        profile_native=args.profile_native,
+        overrides=dict(item.split("=", 1) for item in args.set),
+        work_dir=work_dir,
+        skip=frozenset(args.skip),
+    )
+    pinning = len(os.sched_getaffinity(0)) >= 2
+    if not pinning:
+        print("fewer than 2 CPUs available: running unpinned, figures are not comparable", file=sys.stderr)
+    else:
+        os.sched_setaffinity(0, {int(OTHER_CPU)})
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    machine = _machine(pinning, external is not None)
+    print(f"bench work dir (service logs, profiles): {work_dir}", flush=True)
+    references: dict[str, Rate | None] = {}
+    bench: Bench | None = None
+    with contextlib.ExitStack() as stack:
+        if external:
+            bootstrap = external
+        else:
+            print("starting a local Kafka broker ...", flush=True)
+            bootstrap = stack.enter_context(
+                kafka.pinned_broker(JARS, OTHER_CPU if pinning else "0-1", work_dir / "broker.log")
+            )
+        sink = Sink(OTHER_CPU if pinning else None, work_dir / "sink.log")
+        stack.callback(sink.stop)
+        bench = Bench(options, bootstrap, sink, pinning)
+        http_client = bench.http_client()
+        print(f"service http client: {http_client}", flush=True)
+
+        async def go() -> dict[str, Rate | None]:
+            try:
+                return await run_phases(bench)
+            finally:
+                await sink.aclose()
+
+        references = asyncio.run(go())
+    machine["load_end"] = _load()
+    figures = summary(bench, references)
+    figures["bench_seconds"] = round(time.monotonic() - started, 1)
+    figures["http_client"] = http_client
+    figures["service_settings"] = {
+        "BRIDGE_DELIVERY__MAX_CONNECTIONS": str(options.concurrency),
+        "partitions": str(options.partitions),
+        **options.overrides,
+    }
+    figures["machine"] = machine
+    print(table(bench, figures, machine))
+    print(f"\nbench took {figures['bench_seconds']:.0f}s; service logs in {work_dir}")
+    print(json.dumps(rounded(figures), sort_keys=False))
+    return 0

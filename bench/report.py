@@ -1,0 +1,161 @@
+"""The bench's report: the figures as one JSON-ready dict, the targets they meet, and the printed table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench
+from .refs import Rate
+
+TARGETS: tuple[tuple[str, str], ...] = (
+    ("inference_ratio >= 0.30", "inference_ratio"),
+    ("update_ratio >= 0.30", "update_ratio"),
+    ("row_updates_per_s >= 5 x raw_httpx_per_s", "updates_vs_httpx"),
+    ("row_updates_per_s_50ms >= 0.8 x row_updates_per_s", "latency_hiding"),
+    ("p99_ms <= 250 at half load", "p99_ms"),
+    ("peak_rss_mib <= 250", "peak_rss_mib"),
+)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def summary(bench: Bench, references: dict[str, Rate | None]) -> dict[str, Any]:
+    r = bench.results
+    rate = {name: (res.rate if name in r and (res := r[name]).calls > 1 else None) for name in PHASES}
+    latency = r["latency"].extra if "latency" in r else {}
+    inference = r.get("inferences")
+    figures: dict[str, Any] = {
+        "inferences_per_s": rate["inferences"],
+        "row_updates_per_s": rate["row_updates"],
+        "log_updates_per_s": rate["log_updates"],
+        "row_updates_per_s_50ms": rate["row_updates_50ms"],
+        "p50_ms": latency.get("p50_ms"),
+        "p99_ms": latency.get("p99_ms"),
+        "peak_rss_mib": inference.peak_rss_mib if inference else None,
+        "rss_backlog_records": inference.expected if inference else None,
+        "rss_backlog_drained": inference.drained if inference else None,
+        **{key: None if ref is None else ref.per_s for key, ref in references.items()},
+    }
+    figures["inference_ratio"] = _ratio(figures["inferences_per_s"], figures["decode_only_per_s"])
+    figures["update_ratio"] = _ratio(figures["row_updates_per_s"], figures["raw_http_per_s"])
+    figures["row_updates_vs_raw_httpx"] = _ratio(figures["row_updates_per_s"], figures["raw_httpx_per_s"])
+    figures["row_updates_50ms_vs_0ms"] = _ratio(figures["row_updates_per_s_50ms"], figures["row_updates_per_s"])
+    figures["latency_rate_per_s"] = r["latency"].rate if "latency" in r else None
+    figures["latency_max_ms"] = latency.get("max_ms")
+    figures["per_service_cpu_s"] = {name: round(res.per_cpu_s, 1) for name, res in r.items() if name != "latency"}
+    figures["references_per_cpu_s"] = {
+        key: round(ref.per_cpu_s, 1) for key, ref in references.items() if ref is not None
+    }
+    per_cpu = figures["per_service_cpu_s"]
+    ref_cpu = figures["references_per_cpu_s"]
+    # The same ratios from CPU-normalised figures: steadier when other work shares the machine.
+    figures["inference_ratio_per_cpu_s"] = _ratio(per_cpu.get("inferences"), ref_cpu.get("decode_only_per_s"))
+    figures["update_ratio_per_cpu_s"] = _ratio(per_cpu.get("row_updates"), ref_cpu.get("raw_http_per_s"))
+    figures["service_log_problems"] = {name: res.log_problems for name, res in r.items()}
+    figures["service_cpu_util"] = {name: round(res.service_cpu_util, 3) for name, res in r.items()}
+    figures["sink_cpu_util"] = {name: round(res.sink_cpu_util, 3) for name, res in r.items() if name != "latency"}
+    figures["targets_met"] = _targets(figures)
+    return figures
+
+
+def _targets(f: dict[str, Any]) -> dict[str, bool | None]:
+    def at_least(value: float | None, bound: float) -> bool | None:
+        return None if value is None else value >= bound
+
+    def at_most(value: float | None, bound: float) -> bool | None:
+        return None if value is None else value <= bound
+
+    return {
+        "inference_ratio": at_least(f["inference_ratio"], 0.30),
+        "update_ratio": at_least(f["update_ratio"], 0.30),
+        "updates_vs_httpx": at_least(f["row_updates_vs_raw_httpx"], 5.0),
+        "latency_hiding": at_least(f["row_updates_50ms_vs_0ms"], 0.8),
+        "p99_ms": at_most(f["p99_ms"], 250.0),
+        "peak_rss_mib": at_most(f["peak_rss_mib"], 250.0),
+    }
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str:
+    o = bench.o
+    lines = [
+        "",
+        "== inference-bridge bench ==",
+        f"machine: {machine['cpu']} x{machine['cores']}, Python {machine['python']}, "
+        f"load avg {machine['load_start']} -> {machine['load_end']}",
+        f"service pinned to core {SERVICE_CPU if bench.pinning else '-'} "
+        f"(sink{'' if machine['external_broker'] else ', broker'}"
+        f" and bench on core {OTHER_CPU if bench.pinning else '-'}); http client: {figures['http_client']};"
+        f" {o.partitions} partitions/topic; max_connections {o.concurrency}; overrides: {o.overrides or 'none'}",
+        "throughput = sink's first-to-last request of the phase; 'per CPU-s' = that over the service's CPU use",
+        "",
+        f"{'phase':<18}{'records':>10}{'done':>10}{'calls':>9}{'window s':>9}{'rate':>10} {'unit':<8}"
+        f"{'svc CPU':>8}{'per CPU-s':>11}{'sink CPU':>9}{'drained s':>10}{'RSS MiB':>9}",
+    ]
+    for name, res in bench.results.items():
+        if name == "latency":
+            continue
+        lines.append(
+            f"{name:<18}{res.expected:>10,}{res.done:>10,}{res.calls:>9,}{res.window_s:>9.1f}{res.rate:>10,.0f} "
+            f"{res.unit:<8}{100 * res.service_cpu_util:>7.0f}%{res.per_cpu_s:>11,.0f}{100 * res.sink_cpu_util:>8.0f}%"
+            f"{num(res.drain_s, 1) if res.drained else 'NO':>10}{res.peak_rss_mib:>9.0f}"
+            + ("  (capped by time)" if res.capped else "")
+            + (f"  ({res.log_problems} warning lines in the service log)" if res.log_problems else "")
+        )
+    if "latency" in bench.results:
+        lat = bench.results["latency"]
+        x = lat.extra
+        lines.append(
+            f"{'latency':<18}{lat.expected:>10,}{lat.done:>10,}{lat.calls:>9,}{lat.window_s:>9.1f}{lat.rate:>10,.0f} "
+            f"{'calls/s':<8}{100 * lat.service_cpu_util:>7.0f}%   p50 {num(x.get('p50_ms'), 1)} ms, "
+            f"p99 {num(x.get('p99_ms'), 1)} ms, max {num(x.get('max_ms'), 1)} ms"
+            + (f"  ({lat.log_problems} warning lines in the service log)" if lat.log_problems else "")
+        )
+    lines += [
+        "",
+        f"references (this process on core {SERVICE_CPU if bench.pinning else '-'}, no Kafka, "
+        f"{o.concurrency} concurrent calls, same sink):",
+    ]
+    for key, label in (
+        ("decode_only_per_s", "fastavro decode of the inference records"),
+        ("raw_http_per_s", "aiohttp ClientSession"),
+        ("raw_httpx_per_s", "httpx AsyncClient"),
+        ("httpx_over_aiohttp_per_s", "httpx API over httpx-aiohttp transport"),
+        ("bridge_aiohttp_client_per_s", "service.httpclient.AiohttpClient"),
+        ("bridge_httpx_client_per_s", "service.httpclient.HttpxClient"),
+    ):
+        value = figures.get(key)
+        per_cpu = figures["references_per_cpu_s"].get(key)
+        text = "not measured" if value is None else f"{value:>10,.0f} /s  {num(per_cpu):>10} per CPU-s"
+        lines.append(f"  {label:<44}{text}")
+    lines += ["", "targets:"]
+    values = {
+        "inference_ratio": figures["inference_ratio"],
+        "update_ratio": figures["update_ratio"],
+        "updates_vs_httpx": figures["row_updates_vs_raw_httpx"],
+        "latency_hiding": figures["row_updates_50ms_vs_0ms"],
+        "p99_ms": figures["p99_ms"],
+        "peak_rss_mib": figures["peak_rss_mib"],
+    }
+    for label, key in TARGETS:
+        met = figures["targets_met"][key]
+        verdict = "n/a" if met is None else ("met" if met else "NOT MET")
+        lines.append(f"  {label:<52}{num(values[key], 2):>12}  {verdict}")
+    lines.append(
+        f"  (from per-CPU-s figures: inference_ratio {num(figures['inference_ratio_per_cpu_s'], 2)}, "
+        f"update_ratio {num(figures['update_ratio_per_cpu_s'], 2)})"
+    )
+    return "\n".join(lines)
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 3 if abs(value) < 100 else 1)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value

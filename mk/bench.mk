@@ -1,0 +1,8 @@
+# `make bench`: throughput, latency hiding, latency and memory of the service on one core, against a
+# local broker and a minimal HTTP sink on the other core (bench/harness.py explains the phases).
+# It prints a table and, as its last line, one JSON object. BENCH_ARGS passes options, e.g.
+# `make bench BENCH_ARGS="--quick"` or `BENCH_ARGS="--profile .cache/bench/prof"`.
+.PHONY: bench
+
+bench: install kafka-jars ## the benchmark: a table, then one JSON line of figures (~10 min)
+	$(PY) -m bench $(BENCH_ARGS)
