@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class LoopSettings:
     max_in_flight_per_partition: int
+    max_in_flight_total: int
     max_buffered_per_partition: int
     commit_interval_s: float
     drain_timeout_s: float
@@ -44,7 +45,9 @@ class LoopSettings:
 class PartitionWorker:
     """Runs one partition's records: prepared in order, same key in order, bounded concurrency."""
 
-    def __init__(self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, loop: ConsumerLoop) -> None:
+    def __init__(
+        self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, shared: asyncio.Semaphore, loop: ConsumerLoop
+    ) -> None:
         self.tp = tp
         self.tracker = OffsetTracker()
         self._prepare = prepare
@@ -52,6 +55,9 @@ class PartitionWorker:
         self._queue: deque[SourceRecord] = deque()
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Shared by every partition of this member: the total bound. A task waits only for an earlier
+        # task of its own key, which already holds both slots, so the two bounds cannot deadlock.
+        self._shared = shared
         self._tails: dict[Hashable, asyncio.Task[None]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
@@ -76,6 +82,7 @@ class PartitionWorker:
                 record = self._queue.popleft()
                 work = await self._prepare(record)
                 await self._slots.acquire()
+                await self._shared.acquire()
                 task = asyncio.create_task(self._execute(work, record.offset, self._tails.get(work.key)))
                 self._tails[work.key] = task
                 self._running.add(task)
@@ -98,6 +105,7 @@ class PartitionWorker:
             self.tracker.done(offset)
         finally:
             self._slots.release()
+            self._shared.release()
             if self._tails.get(work.key) is asyncio.current_task():
                 del self._tails[work.key]
 
@@ -153,6 +161,7 @@ class ConsumerLoop:
         self._history: dict[TopicPartition, int] = {}
         self._fatal: BaseException | None = None
         self._wake = asyncio.Event()
+        self._shared_slots = asyncio.Semaphore(settings.max_in_flight_total)
 
     def subscribe(self, topics: Sequence[str]) -> None:
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
@@ -199,7 +208,9 @@ class ConsumerLoop:
     def _worker(self, tp: TopicPartition) -> PartitionWorker:
         worker = self._workers.get(tp)
         if worker is None:
-            worker = PartitionWorker(tp, self._prepare, self._settings.max_in_flight_per_partition, self)
+            worker = PartitionWorker(
+                tp, self._prepare, self._settings.max_in_flight_per_partition, self._shared_slots, self
+            )
             self._workers[tp] = worker
         return worker
 

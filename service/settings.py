@@ -180,6 +180,9 @@ class DeliverySettings(_Section):
     max_in_flight_per_partition: int = Field(
         default=256, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
     )
+    max_in_flight_total: int = Field(
+        default=4096, ge=1, description="records started and not yet done across all partitions of this member"
+    )
     max_buffered_per_partition: int = Field(
         default=2000, ge=1, description="records taken from Kafka and not yet done; above it the partition pauses"
     )

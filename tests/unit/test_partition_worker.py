@@ -1,0 +1,86 @@
+"""PartitionWorker without Kafka: same-key records run in offset order, different keys overlap, and
+the per-partition and shared in-flight bounds both hold."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable
+
+from aiokafka import TopicPartition
+
+from service.consumer import ConsumerLoop, PartitionWorker
+from service.records import SourceRecord, Work
+
+
+class _Loop:
+    """The one thing a worker asks of its loop."""
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+
+    def fail(self, exc: BaseException) -> None:
+        self.failures.append(exc)
+
+
+class _Probe:
+    def __init__(self, keys: dict[int, Hashable]) -> None:
+        self.keys = keys
+        self.running = 0
+        self.peak = 0
+        self.order: list[int] = []
+
+    async def prepare(self, record: SourceRecord) -> Work:
+        return Work(key=self.keys[record.offset], run=lambda: self._run(record.offset))
+
+    async def _run(self, offset: int) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(0.001 * (5 - offset % 5))  # later records would finish first if allowed
+        self.order.append(offset)
+        self.running -= 1
+
+
+def _records(partition: int, count: int) -> list[SourceRecord]:
+    return [SourceRecord("t", partition, o, None, b"v", (), 0) for o in range(count)]
+
+
+async def _drain(*workers: PartitionWorker) -> None:
+    while any(w.tracker.committable() != 10 for w in workers):  # noqa: ASYNC110  # the tracker has no event to await
+        await asyncio.sleep(0.001)
+
+
+def _worker(partition: int, probe: _Probe, per_partition: int, shared: asyncio.Semaphore) -> PartitionWorker:
+    loop: ConsumerLoop = _Loop()  # type: ignore[assignment]  # a stand-in with the one method used
+    return PartitionWorker(TopicPartition("t", partition), probe.prepare, per_partition, shared, loop)
+
+
+async def test_same_key_runs_in_offset_order_and_all_offsets_complete() -> None:
+    probe = _Probe(dict.fromkeys(range(10), "one-key"))
+    worker = _worker(0, probe, 8, asyncio.Semaphore(100))
+    worker.push(_records(0, 10))
+    await asyncio.wait_for(_drain(worker), 10)
+    assert probe.order == list(range(10))
+    assert probe.peak == 1
+    await worker.stop(1)
+
+
+async def test_different_keys_overlap_up_to_the_partition_bound() -> None:
+    probe = _Probe({o: o for o in range(10)})
+    worker = _worker(0, probe, 3, asyncio.Semaphore(100))
+    worker.push(_records(0, 10))
+    await asyncio.wait_for(_drain(worker), 10)
+    assert probe.peak == 3
+    assert worker.tracker.committable() == 10
+    await worker.stop(1)
+
+
+async def test_the_shared_bound_holds_across_partitions() -> None:
+    probe = _Probe({o: o for o in range(10)})
+    shared = asyncio.Semaphore(2)
+    first, second = _worker(0, probe, 5, shared), _worker(1, probe, 5, shared)
+    first.push(_records(0, 10))
+    second.push(_records(1, 10))
+    await asyncio.wait_for(_drain(first, second), 10)
+    assert probe.peak == 2
+    await first.stop(1)
+    await second.stop(1)
