@@ -160,7 +160,6 @@ class ConsumerLoop:
         self._committed: dict[TopicPartition, int] = {}  # owned partitions only: skips unchanged commits
         self._history: dict[TopicPartition, int] = {}
         self._fatal: BaseException | None = None
-        self._wake = asyncio.Event()
         self._shared_slots = asyncio.Semaphore(settings.max_in_flight_total)
 
     def subscribe(self, topics: Sequence[str]) -> None:
@@ -171,7 +170,6 @@ class ConsumerLoop:
             log.error("stopping: a record could not be brought to a durable outcome", exc_info=exc)
             self._fatal = exc
             self.health.fatal = str(exc)
-        self._wake.set()
 
     @property
     def committed(self) -> Mapping[TopicPartition, int]:

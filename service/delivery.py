@@ -84,7 +84,7 @@ class Delivery:
                 breaker.failed(None, probe=probe)
                 log.warning(
                     "call failed, will retry",
-                    extra={"endpoint": request.endpoint.value, "error": str(exc), "attempt": attempt},
+                    extra={"endpoint": endpoint, "error": str(exc), "attempt": attempt},
                 )
                 await self._pause(attempt, breaker_open=probe)
                 continue
@@ -104,7 +104,7 @@ class Delivery:
                 breaker.failed(pause, probe=probe)
                 log.warning(
                     "retryable status, will retry",
-                    extra={"endpoint": request.endpoint.value, "status": response.status, "attempt": attempt},
+                    extra={"endpoint": endpoint, "status": response.status, "attempt": attempt},
                 )
                 if pause is None:
                     await self._pause(attempt, breaker_open=probe)

@@ -70,18 +70,23 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
+def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s: float) -> AIOKafkaProducer:
+    """An idempotent acks=all producer, for writes that must be on the broker before an offset moves."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-{role}",
+        acks="all",
+        enable_idempotence=True,  # a retried send must not duplicate the record
+        request_timeout_ms=int(send_timeout_s * 1000),
+        **security_options(settings),
+    )
+
+
 class KafkaDeadLetterProducer:
-    """An idempotent acks=all producer: `send` returns only once the broker has the dead letter."""
+    """A durable producer whose `send` returns only once the broker has the dead letter."""
 
     def __init__(self, settings: KafkaSettings, send_timeout_s: float) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
-            client_id=f"{settings.client_id}-dlq",
-            acks="all",
-            enable_idempotence=True,
-            request_timeout_ms=int(send_timeout_s * 1000),
-            **security_options(settings),
-        )
+        self._producer = build_durable_producer(settings, role="dlq", send_timeout_s=send_timeout_s)
 
     async def start(self) -> None:
         await self._producer.start()

@@ -66,9 +66,8 @@ class Pipeline:
             request = self._router.route(event, where)
         except RecordError as exc:
             return self._dead_work(record, exc)
-        except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
-            log.exception("unexpected error preparing a record", extra=_where(record))
-            return self._dead_work(record, InternalError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
+            return self._dead_work(record, _bug(record, exc, "preparing"))
         return Work(key=request.key, run=partial(self._deliver, record, request))
 
     async def _decode(self, record: SourceRecord) -> Event:
@@ -94,9 +93,8 @@ class Pipeline:
             self._metrics.delivered.labels(record.topic).inc()
         except RecordError as exc:
             await self._dead_letter(record, exc)
-        except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
-            log.exception("unexpected error publishing a record", extra=_where(record))
-            await self._dead_letter(record, InternalError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
+            await self._dead_letter(record, _bug(record, exc, "publishing"))
 
     async def _deliver(self, record: SourceRecord, request: ApiRequest) -> None:
         try:
@@ -104,9 +102,8 @@ class Pipeline:
         except RecordError as exc:
             await self._dead_letter(record, exc)
             return
-        except Exception as exc:  # a bug must not stop the partition: dead-letter, say so
-            log.exception("unexpected error delivering a record", extra=_where(record))
-            await self._dead_letter(record, InternalError(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
+            await self._dead_letter(record, _bug(record, exc, "delivering"))
             return
         self._metrics.delivered.labels(record.topic).inc()
         if log.isEnabledFor(logging.DEBUG):  # the context dict costs more than the call it describes
@@ -141,6 +138,12 @@ async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows:
     pipeline_id, config_json = cast(tuple[str, bytes], key)
     # A 404 on publish means a wrong pipeline id, never "not yet", so no record timestamp is needed.
     await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0)
+
+
+def _bug(record: SourceRecord, exc: Exception, doing: str) -> InternalError:
+    """Our own bug met this record: log it loudly, and dead-letter the record rather than crash."""
+    log.exception(f"unexpected error {doing} a record", extra=_where(record))
+    return InternalError(f"{type(exc).__name__}: {exc}")
 
 
 def _where(record: SourceRecord) -> dict[str, object]:

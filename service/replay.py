@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NoReturn
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from .errors import BridgeError, FatalError
-from .kafka_clients import security_options, to_source_record
+from .kafka_clients import build_durable_producer, security_options, to_source_record
 from .records import SourceRecord
 from .settings import Settings
 
@@ -415,13 +415,8 @@ class _Replayer:
 
             producer: Any = None
             if not options.dry_run:  # a dry run needs no write access at all
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=kafka.bootstrap_servers,
-                    client_id=f"{kafka.client_id}-replay",
-                    acks="all",
-                    enable_idempotence=True,  # a retried send must not duplicate the replayed record
-                    request_timeout_ms=int(self._settings.dead_letter.send_timeout_s * 1000),
-                    **security_options(kafka),
+                producer = build_durable_producer(
+                    kafka, role="replay", send_timeout_s=self._settings.dead_letter.send_timeout_s
                 )
                 with _kafka_errors("cannot start the replay producer"):
                     await producer.start()

@@ -291,6 +291,31 @@ def abort_request(request: web.BaseRequest) -> NoReturn:
     raise asyncio.CancelledError
 
 
+class ThreadedServer:
+    """Start/stop, context manager and port for a fake whose `_server` is a `ServerThread`."""
+
+    _server: ServerThread
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+
 class ServerThread:
     """Serves an aiohttp application on 127.0.0.1 from a daemon thread that owns its event loop.
 
@@ -380,7 +405,7 @@ class ServerThread:
             loop.close()
 
 
-class FakeApiServer:
+class FakeApiServer(ThreadedServer):
     """The fake Openlayer + Humanloop server. All public methods are thread-safe and take effect at once."""
 
     def __init__(
@@ -411,27 +436,6 @@ class FakeApiServer:
         self._rules: dict[Endpoint, list[_Rule]] = {e: [] for e in ENDPOINTS}
         self._down: dict[Endpoint, tuple[Fault, DownMode]] = {}
         self._latency_s = 0.0
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
 
     @property
     def base_url(self) -> str:

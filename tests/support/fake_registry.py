@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Final, Self
+from types import FrameType
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -34,7 +34,7 @@ from aiohttp.typedefs import Handler
 
 # Relative, so this works both as `support.fake_registry` (how the tests import it) and as
 # `python -m tests.support.fake_registry` from the repository root.
-from .fake_apis import DownMode, ServerThread, abort_request
+from .fake_apis import DownMode, ServerThread, ThreadedServer, abort_request
 
 CONTENT_TYPE: Final = "application/vnd.schemaregistry.v1+json"
 SCHEMA_TYPES: Final = frozenset({"AVRO", "JSON", "PROTOBUF"})
@@ -79,7 +79,7 @@ def _error(status: int, code: int, message: str) -> web.Response:
     return _answer(status, {"error_code": code, "message": message})
 
 
-class FakeSchemaRegistry:
+class FakeSchemaRegistry(ThreadedServer):
     """The fake registry; every public method is thread-safe."""
 
     def __init__(self, *, port: int = 0, host: str = "127.0.0.1") -> None:
@@ -93,25 +93,6 @@ class FakeSchemaRegistry:
         self._total = 0
         self._down: DownMode | None = None
         self._hold_s = 1.0
-
-    def start(self) -> None:
-        self._server.start()
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
 
     @property
     def url(self) -> str:
