@@ -54,22 +54,30 @@ class Batcher:
         self._on_batch = on_batch
         self._open: dict[Hashable, _Open] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, taken at the first row
 
     async def submit(self, key: Hashable, body: bytes) -> None:
         """Add one row; return when it was delivered, raise `RejectedError` when it was refused."""
+        await self.add(key, body)
+
+    def add(self, key: Hashable, body: bytes) -> asyncio.Future[None]:
+        """Add one row; its future completes when it was delivered, or fails with `RejectedError`."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = _Open()
         if batch.rows and batch.size + len(body) > self._max_bytes:
             self._close(key, batch)
-        row = _Row(body, asyncio.get_running_loop().create_future())
+        row = _Row(body, loop.create_future())
         batch.rows.append(row)
         batch.size += len(body)
         if len(batch.rows) >= self._max_rows or batch.size >= self._max_bytes:
             self._close(key, batch)
         elif batch.timer is None:
-            batch.timer = asyncio.get_running_loop().call_later(self._linger_s, self._close, key, batch)
-        await row.outcome
+            batch.timer = loop.call_later(self._linger_s, self._close, key, batch)
+        return row.outcome
 
     def _close(self, key: Hashable, batch: _Open) -> None:
         if batch.timer is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from types import MappingProxyType
@@ -38,6 +38,8 @@ DEFAULT_SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
 
 MAGIC_BYTE: Final = 0
 CONFLUENT_HEADER_SIZE: Final = 5
+CONFIG_CACHE_SIZE: Final = 1024
+"""Distinct record configs remembered per event kind; real producers have a handful."""
 MAX_ID_CHARS: Final = 1024
 """Longer ids are not ids: such a value was almost certainly written with another schema."""
 
@@ -144,6 +146,8 @@ class _ConfigShape:
     """(Avro field, API key) for every field that goes to the API."""
     avro_names: Mapping[str, str]
     """API key -> Avro field, to name fields in producers' terms in error messages."""
+    cache: dict[bytes, JsonObject] = field(default_factory=dict, compare=False, repr=False)
+    """Converted configs by their record's JSON; invalid configs are not cached (they raise)."""
 
     @classmethod
     def of(cls, schema: ParsedSchema) -> _ConfigShape:
@@ -152,9 +156,25 @@ class _ConfigShape:
         return cls(keys=keys, avro_names=MappingProxyType({camel: snake for snake, camel in keys}))
 
     def to_api(self, record: Mapping[str, Any] | None) -> JsonObject | None:
-        """The API config: camelCase keys, null fields dropped; None when nothing is set."""
+        """The API config: camelCase keys, null fields dropped; None when nothing is set.
+
+        Producers repeat one config on every record, so results are cached by the record's JSON:
+        equal configs then come back as one shared object (never mutate it), which also lets the
+        router serialise each distinct config once. JSON is the key because it is what the API
+        gets: configs that serialise alike are sent alike.
+        """
         if record is None:
             return None
+        key = orjson.dumps(record)
+        config = self.cache.get(key)
+        if config is None:
+            config = self._convert(record)
+            if len(self.cache) >= CONFIG_CACHE_SIZE:
+                self.cache.clear()  # a producer with ever-new configs: stay bounded, start over
+            self.cache[key] = config
+        return config or None
+
+    def _convert(self, record: Mapping[str, Any]) -> JsonObject:
         config = {camel: value for snake, camel in self.keys if (value := record.get(snake)) is not None}
         prompt = config.get("prompt")
         if prompt is not None:
@@ -163,7 +183,7 @@ class _ConfigShape:
         if task_type is not None:
             self._check_task(task_type, config)
         # An all-null config says nothing, so it means the same as no config: the operator's default.
-        return config or None
+        return config
 
     def _check_task(self, task_type: str, config: JsonObject) -> None:
         rules = TASK_RULES.get(task_type)

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -58,8 +59,8 @@ class PartitionWorker:
         # Shared by every partition of this member: the total bound. A task waits only for an earlier
         # task of its own key, which already holds both slots, so the two bounds cannot deadlock.
         self._shared = shared
-        self._tails: dict[Hashable, asyncio.Task[None]] = {}
-        self._running: set[asyncio.Task[None]] = set()
+        self._tails: dict[Hashable, asyncio.Future[None]] = {}
+        self._running: set[asyncio.Future[None]] = set()
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
 
     @property
@@ -83,31 +84,35 @@ class PartitionWorker:
                 work = await self._prepare(record)
                 await self._slots.acquire()
                 await self._shared.acquire()
-                task = asyncio.create_task(self._execute(work, record.offset, self._tails.get(work.key)))
-                self._tails[work.key] = task
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._launch(work, record.offset)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001  # prepare promises not to raise; if it does, stop
             self._loop.fail(exc)
 
-    async def _execute(self, work: Work, offset: int, previous: asyncio.Task[None] | None) -> None:
-        try:
-            if previous is not None:
-                await asyncio.wait([previous])  # order only; its outcome is its own
-            await work.run()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001  # a FatalError: the loop stops, nothing is committed past it
-            self._loop.fail(exc)
-        else:
+    def _launch(self, work: Work, offset: int) -> None:
+        key = work.key
+        previous = None if key is None else self._tails.get(key)
+        # Only a record that must wait for an earlier one of its key costs a task here.
+        outcome = work.start() if previous is None or previous.done() else asyncio.ensure_future(_after(previous, work))
+        if key is not None:
+            self._tails[key] = outcome
+        self._running.add(outcome)
+        outcome.add_done_callback(partial(self._finished, key, offset))
+
+    def _finished(self, key: Hashable | None, offset: int, outcome: asyncio.Future[None]) -> None:
+        self._slots.release()
+        self._shared.release()
+        self._running.discard(outcome)
+        if key is not None and self._tails.get(key) is outcome:
+            del self._tails[key]
+        if outcome.cancelled():
+            return  # stopped or revoked before it finished: it stays pending and is read again
+        exc = outcome.exception()
+        if exc is None:
             self.tracker.done(offset)
-        finally:
-            self._slots.release()
-            self._shared.release()
-            if self._tails.get(work.key) is asyncio.current_task():
-                del self._tails[work.key]
+        else:  # a FatalError: the loop stops, nothing is committed past it
+            self._loop.fail(exc)
 
     async def stop(self, timeout_s: float) -> None:
         """Take no new records, give in-flight work `timeout_s` to finish, cancel the rest."""
@@ -125,6 +130,11 @@ class PartitionWorker:
                     extra={"topic": self.tp.topic, "partition": self.tp.partition, "count": len(unfinished)},
                 )
                 await asyncio.wait(unfinished)
+
+
+async def _after(previous: asyncio.Future[None], work: Work) -> None:
+    await asyncio.wait([previous])  # order only; its outcome is its own
+    await work.start()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped

@@ -63,6 +63,14 @@ class Metrics:
         )
         self._call_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
+        self._delivered_children: dict[str, Counter] = {}
+
+    def record_delivered(self, topic: str) -> None:
+        # Once per record on the hottest path: a cached child, not `.labels()` each time.
+        counter = self._delivered_children.get(topic)
+        if counter is None:
+            counter = self._delivered_children[topic] = self.delivered.labels(topic)
+        counter.inc()
 
     def call(self, endpoint: str, destination: str, status: int | None, seconds: float) -> None:
         # Children are cached: `.labels()` costs more than the increment on the per-call path.

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Coroutine, Hashable, Mapping, Sequence
 from functools import partial
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from .batching import Batcher
 from .classify import backoff_s
@@ -22,7 +22,7 @@ from .errors import InternalError, RecordError, TransientError
 from .events import Event, EventKind, NewInference
 from .metrics import Metrics
 from .records import SourceRecord, Work
-from .routes import ApiRequest, PublishRow, RecordCoordinates, Router
+from .routes import ApiRequest, PublishRow, Router
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,21 @@ class Pipeline:
         self._kinds = kinds
         self._rng = rng
         self._max_backoff_s = max_backoff_s
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def prepare(self, record: SourceRecord) -> Work:
         try:
             event = await self._decode(record)
-            where = RecordCoordinates(record.topic, record.partition, record.offset, record.timestamp_ms)
             if isinstance(event, NewInference):
-                row = self._router.publish_row(event, where)
-                # Rows keep their order inside the batcher; a key of their own lets them batch.
-                return Work(key=("row", record.offset), run=partial(self._publish, record, row))
-            request = self._router.route(event, where)
+                row = self._router.publish_row(event, record)
+                # Rows keep their order inside the batcher, so they need no key, and they batch.
+                return Work(key=None, start=partial(self._start_publish, record, row))
+            request = self._router.route(event, record)
         except RecordError as exc:
             return self._dead_work(record, exc)
         except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
             return self._dead_work(record, _bug(record, exc, "preparing"))
-        return Work(key=request.key, run=partial(self._deliver, record, request))
+        return Work(key=request.key, start=partial(self._start_deliver, record, request))
 
     async def _decode(self, record: SourceRecord) -> Event:
         kind = self._kinds[record.topic]
@@ -84,17 +84,45 @@ class Pipeline:
                 await asyncio.sleep(backoff_s(attempt - 1, 0.5, self._max_backoff_s, self._rng))
 
     def _dead_work(self, record: SourceRecord, error: RecordError) -> Work:
-        # Nothing else depends on a dead-lettered record, so it gets a key of its own.
-        return Work(key=("dead-letter", record.offset), run=partial(self._dead_letter, record, error))
+        # Nothing else depends on a dead-lettered record, so it waits for nothing.
+        return Work(key=None, start=partial(self._start_dead_letter, record, error))
 
-    async def _publish(self, record: SourceRecord, row: PublishRow) -> None:
-        try:
-            await self._batcher.submit(row.batch_key, row.row_json)
-            self._metrics.delivered.labels(record.topic).inc()
-        except RecordError as exc:
-            await self._dead_letter(record, exc)
-        except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
-            await self._dead_letter(record, _bug(record, exc, "publishing"))
+    def _start_deliver(self, record: SourceRecord, request: ApiRequest) -> asyncio.Future[None]:
+        return self._start(self._deliver(record, request))
+
+    def _start_dead_letter(self, record: SourceRecord, error: RecordError) -> asyncio.Future[None]:
+        return self._start(self._dead_letter(record, error))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(work)
+        # The loop keeps only weak references to tasks; this set keeps them running.
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_publish(self, record: SourceRecord, row: PublishRow) -> asyncio.Future[None]:
+        # The hot path of new inferences: no task per row. The row's own future settles the
+        # record's outcome; only a refused row needs a task, to write its dead letter.
+        sent = self._batcher.add(row.batch_key, row.row_json)
+        outcome: asyncio.Future[None] = sent.get_loop().create_future()
+        sent.add_done_callback(partial(self._published, record, outcome))
+        return outcome
+
+    def _published(self, record: SourceRecord, outcome: asyncio.Future[None], sent: asyncio.Future[None]) -> None:
+        if outcome.done():  # the record was cancelled (stop or revoke); it will be read again
+            if not sent.cancelled():
+                sent.exception()  # retrieved, so asyncio does not report it as lost
+            return
+        if sent.cancelled():
+            outcome.cancel()
+            return
+        exc = sent.exception()
+        if exc is None:
+            self._metrics.record_delivered(record.topic)
+            outcome.set_result(None)
+            return
+        error = exc if isinstance(exc, RecordError) else _bug(record, exc, "publishing")
+        self._start_dead_letter(record, error).add_done_callback(partial(_settle, outcome))
 
     async def _deliver(self, record: SourceRecord, request: ApiRequest) -> None:
         try:
@@ -105,7 +133,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
             await self._dead_letter(record, _bug(record, exc, "delivering"))
             return
-        self._metrics.delivered.labels(record.topic).inc()
+        self._metrics.record_delivered(record.topic)
         if log.isEnabledFor(logging.DEBUG):  # the context dict costs more than the call it describes
             log.debug(
                 "delivered",
@@ -140,7 +168,19 @@ async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows:
     await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0)
 
 
-def _bug(record: SourceRecord, exc: Exception, doing: str) -> InternalError:
+def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
+    """Give `target` the outcome of `source`."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(None)
+
+
+def _bug(record: SourceRecord, exc: BaseException, doing: str) -> InternalError:
     """Our own bug met this record: log it loudly, and dead-letter the record rather than crash."""
     log.exception(f"unexpected error {doing} a record", extra=_where(record))
     return InternalError(f"{type(exc).__name__}: {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
@@ -19,15 +20,23 @@ class SourceRecord:
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    """A prepared record: its ordering key and the coroutine that brings it to a durable outcome.
+    """A prepared record: its ordering key and how to start bringing it to a durable outcome.
 
     Records of one partition with equal keys run one after another in offset order; different
-    keys may overlap. `run` returns once the record is delivered or dead-lettered, and raises only
-    when the service must stop (a `FatalError`).
+    keys, and work whose key is None, may overlap. `start` begins the work and returns a future
+    that completes once the record is delivered or dead-lettered; it fails only when the service
+    must stop (a `FatalError`). A future rather than a coroutine lets work that is already under
+    way elsewhere (a row waiting in a batch) run without a task of its own per record.
     """
 
-    key: Hashable
-    run: Callable[[], Awaitable[None]]
+    key: Hashable | None
+    start: Callable[[], asyncio.Future[None]]
 
 
 Prepare = Callable[[SourceRecord], Awaitable[Work]]
+"""The per-record logic: decode, route, deliver, or dead-letter; the Kafka loop sees only `Work`.
+
+`prepare` runs in offset order per partition and decides the record's ordering key; `Work.start`
+brings it to a durable outcome. A schema registry outage is waited out inside `prepare` (it is
+not the record's fault), so records behind it simply wait, uncommitted.
+"""

@@ -8,12 +8,13 @@ is a `RouteError` here, before a call is spent on it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -27,6 +28,10 @@ MAX_UPDATE_COLUMNS = 100
 # Stable ids for rows published without one: the same record (topic/partition/offset) always
 # gets the same id, so a redelivery after a crash is recognisable downstream (api-spec.md §1.4).
 _INFERENCE_ID_NAMESPACE = uuid.UUID("6f1d2c1e-4b0a-5d7e-9a51-2f3c8b7e1d40")
+_NAMESPACE_BYTES = _INFERENCE_ID_NAMESPACE.bytes
+
+PREPARED_CONFIGS = 2048
+"""Distinct configs the router keeps serialised; beyond that it starts over (bounded memory)."""
 
 
 class Destination(StrEnum):
@@ -49,9 +54,20 @@ class Endpoint(StrEnum):
         return self is not Endpoint.PUBLISH
 
 
+class Coordinates(Protocol):
+    """Where a record came from; enough to derive a stable id (the pipeline's `SourceRecord` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class RecordCoordinates:
-    """Where a record came from; enough to derive a stable id and to date a 404 grace window."""
+    """Plain `Coordinates`, for callers that have no source record at hand."""
 
     topic: str
     partition: int
@@ -95,9 +111,11 @@ class Router:
     pipeline_configs: Mapping[str, JsonObject]
     default_config: JsonObject | None
     inference_id_column: str
-    _operator_configs: dict[int, tuple[bytes, str]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _prepared: dict[int, tuple[JsonObject, bytes, str]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
-    def route(self, event: Event, where: RecordCoordinates) -> ApiRequest:
+    def route(self, event: Event, where: Coordinates) -> ApiRequest:
         if isinstance(event, NewInference):
             return self._publish(event, where)
         if isinstance(event, RowUpdate):
@@ -117,17 +135,18 @@ class Router:
             )
         return config
 
-    def publish_row(self, event: NewInference, where: RecordCoordinates) -> PublishRow:
+    def publish_row(self, event: NewInference, where: Coordinates) -> PublishRow:
         """One row, serialised once, ready to share a Publish-records call with rows of the same batch."""
         config = self.publish_config(event)
-        if config is event.config:
-            config_json, id_column = self._prepare_config(config)
-        else:
-            # The operator's configs are a handful of long-lived objects: prepare each once, not per row.
-            prepared = self._operator_configs.get(id(config))
-            if prepared is None:
-                prepared = self._operator_configs[id(config)] = self._prepare_config(config)
-            config_json, id_column = prepared
+        # Configs are few long-lived objects: the operator's, and the codec's shared copies of the
+        # configs records carry. Each is prepared once, by identity; holding the object in the
+        # entry keeps its id from being reused while the entry lives.
+        prepared = self._prepared.get(id(config))
+        if prepared is None:
+            if len(self._prepared) >= PREPARED_CONFIGS:
+                self._prepared.clear()
+            prepared = self._prepared[id(config)] = (config, *self._prepare_config(config))
+        _, config_json, id_column = prepared
         row = dict(event.row)
         row[id_column] = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
         return PublishRow(
@@ -159,7 +178,7 @@ class Router:
             key=pipeline_id,
         )
 
-    def _publish(self, event: NewInference, where: RecordCoordinates) -> ApiRequest:
+    def _publish(self, event: NewInference, where: Coordinates) -> ApiRequest:
         row = self.publish_row(event, where)
         return self.publish_request(row.pipeline_id, row.config_json, [row.row_json])
 
@@ -201,8 +220,18 @@ class Router:
         )
 
 
-def stable_inference_id(where: RecordCoordinates) -> str:
-    return str(uuid.uuid5(_INFERENCE_ID_NAMESPACE, f"{where.topic}/{where.partition}/{where.offset}"))
+def stable_inference_id(where: Coordinates) -> str:
+    """`uuid.uuid5(namespace, "topic/partition/offset")`, computed without the `UUID` object.
+
+    Once per row without an id, and `uuid.uuid5` plus `str()` cost more than the hash itself.
+    """
+    digest = bytearray(
+        hashlib.sha1(_NAMESPACE_BYTES + f"{where.topic}/{where.partition}/{where.offset}".encode()).digest()
+    )
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _as_id(value: object) -> str | None:

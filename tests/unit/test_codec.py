@@ -593,6 +593,40 @@ async def test_a_config_with_nothing_set_means_no_config(codec: AvroCodec, kind:
     assert event.config is None
 
 
+async def test_equal_configs_come_back_as_one_shared_object_and_distinct_ones_do_not(codec: AvroCodec) -> None:
+    config = {"task_type": "LLM", "output_column_name": "o", "prompt": [{"role": "user", "content": "{{ q }}"}]}
+    record = {"inference_pipeline_id": "p", "row": {"a": 1}, "config": config}
+    other = {**record, "config": {**config, "output_column_name": "answer"}}
+
+    first, again = await decode_inference(codec, record), await decode_inference(codec, record)
+    different = await decode_inference(codec, other)
+
+    assert first.config is again.config  # converted once, which lets the router serialise it once
+    assert different.config == {**(first.config or {}), "outputColumnName": "answer"}
+
+
+async def test_an_invalid_config_fails_every_time_it_is_seen(codec: AvroCodec) -> None:
+    record = {"inference_pipeline_id": "p", "row": {"a": 1}, "config": {"task_type": "LLM", "class_names": ["a"]}}
+    value = plain(EventKind.INFERENCE, record)
+
+    for _ in range(2):
+        with pytest.raises(RouteError, match="output_column_name"):
+            await codec.decode(EventKind.INFERENCE, value)
+
+
+async def test_the_config_cache_stays_bounded(codec: AvroCodec, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.codec.CONFIG_CACHE_SIZE", 3)
+    events = [
+        await decode_inference(
+            codec, {"inference_pipeline_id": "p", "row": {"a": 1}, "config": {"output_column_name": f"o{n}"}}
+        )
+        for n in range(10)
+    ]
+
+    assert [e.config for e in events] == [{"outputColumnName": f"o{n}"} for n in range(10)]
+    assert len(codec._inference_config.cache) <= 3
+
+
 # -- task_type validation ----------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ class _Probe:
         self.order: list[int] = []
 
     async def prepare(self, record: SourceRecord) -> Work:
-        return Work(key=self.keys[record.offset], run=lambda: self._run(record.offset))
+        return Work(key=self.keys[record.offset], start=lambda: asyncio.ensure_future(self._run(record.offset)))
 
     async def _run(self, offset: int) -> None:
         self.running += 1
@@ -84,3 +84,92 @@ async def test_the_shared_bound_holds_across_partitions() -> None:
     assert probe.peak == 2
     await first.stop(1)
     await second.stop(1)
+
+
+async def test_keyless_work_overlaps_up_to_the_partition_bound() -> None:
+    probe = _Probe(dict.fromkeys(range(10)))
+    worker = _worker(0, probe, 4, asyncio.Semaphore(100))
+    worker.push(_records(0, 10))
+    await asyncio.wait_for(_drain(worker), 10)
+    assert probe.peak == 4
+    await worker.stop(1)
+
+
+class _Outcomes:
+    """Work whose outcome is a bare future the test settles, as a batched row's is."""
+
+    def __init__(self) -> None:
+        self.futures: dict[int, asyncio.Future[None]] = {}
+        self.started = asyncio.Event()
+
+    async def prepare(self, record: SourceRecord) -> Work:
+        def start() -> asyncio.Future[None]:
+            future = self.futures[record.offset] = asyncio.get_running_loop().create_future()
+            self.started.set()
+            return future
+
+        return Work(key=None, start=start)
+
+
+async def _started(outcomes: _Outcomes, count: int) -> None:
+    while len(outcomes.futures) < count:
+        outcomes.started.clear()
+        await outcomes.started.wait()
+
+
+async def _settled() -> None:
+    for _ in range(3):  # done callbacks run on the next loop iterations
+        await asyncio.sleep(0)
+
+
+async def test_future_outcomes_settled_out_of_order_commit_only_the_done_prefix() -> None:
+    outcomes = _Outcomes()
+    loop = _Loop()
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, asyncio.Semaphore(8), loop)  # type: ignore[arg-type]
+    worker.push(_records(0, 3))
+    await asyncio.wait_for(_started(outcomes, 3), 5)
+
+    outcomes.futures[2].set_result(None)
+    await _settled()
+    assert worker.tracker.committable() is None
+    outcomes.futures[0].set_result(None)
+    await _settled()
+    assert worker.tracker.committable() == 1
+    outcomes.futures[1].set_result(None)
+    await _settled()
+    assert worker.tracker.committable() == 3
+    assert worker.backlog == 0
+    assert loop.failures == []
+    await worker.stop(1)
+
+
+async def test_a_failed_outcome_stops_the_loop_and_is_never_committed() -> None:
+    outcomes = _Outcomes()
+    loop = _Loop()
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, asyncio.Semaphore(8), loop)  # type: ignore[arg-type]
+    worker.push(_records(0, 2))
+    await asyncio.wait_for(_started(outcomes, 2), 5)
+    fatal = RuntimeError("the dead-letter topic refused the record")
+
+    outcomes.futures[0].set_exception(fatal)
+    outcomes.futures[1].set_result(None)
+    await _settled()
+
+    assert loop.failures == [fatal]
+    assert worker.tracker.committable() is None
+    await worker.stop(1)
+
+
+async def test_stop_cancels_unfinished_outcomes_and_frees_their_slots() -> None:
+    outcomes = _Outcomes()
+    shared = asyncio.Semaphore(2)
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, shared, _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 2))
+    await asyncio.wait_for(_started(outcomes, 2), 5)
+    assert shared.locked()
+
+    await worker.stop(0.01)
+
+    assert all(future.cancelled() for future in outcomes.futures.values())
+    assert worker.tracker.committable() is None  # read again by whoever owns the partition next
+    assert not shared.locked()

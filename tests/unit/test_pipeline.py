@@ -160,7 +160,7 @@ class Bench:
     async def process(self, record: SourceRecord) -> Hashable:
         """Prepare and run `record` as the consumer loop would; returns the work's ordering key."""
         work = await self.pipeline.prepare(record)
-        await work.run()
+        await work.start()
         return work.key
 
     def counted(self, name: str, **labels: str) -> float | None:
@@ -199,7 +199,7 @@ UPDATE_LOG = LogUpdate(reference_id="ref-1", output="Paris")
     ("event", "kind", "method", "key"),
     [
         # Rows are ordered inside the batcher, so each gets a key of its own and rows can share a call.
-        pytest.param(PUBLISH, EventKind.INFERENCE, "POST", ("row", 10), id="publish"),
+        pytest.param(PUBLISH, EventKind.INFERENCE, "POST", None, id="publish"),
         pytest.param(UPDATE_ROW, EventKind.ROW_UPDATE, "PUT", f"{PIPE}/inf-1", id="update-row"),
         pytest.param(UPDATE_LOG, EventKind.LOG_UPDATE, "PATCH", "ref-1", id="update-log"),
     ],
@@ -236,7 +236,7 @@ async def test_rows_running_together_share_one_call_in_offset_order() -> None:
     b = bench(*events)
     works = [await b.pipeline.prepare(record(offset=offset)) for offset in range(5)]
 
-    await asyncio.gather(*(work.run() for work in works))
+    await asyncio.gather(*(work.start() for work in works))
 
     [request] = b.api.requests
     assert [row["n"] for row in json.loads(request.content)["rows"]] == [0, 1, 2, 3, 4]
@@ -254,7 +254,7 @@ async def test_in_a_shared_call_only_the_refused_row_is_dead_lettered() -> None:
     b = bench(*events, api=Api(handler=api))
     works = [await b.pipeline.prepare(record(offset=offset)) for offset in range(4)]
 
-    await asyncio.gather(*(work.run() for work in works))
+    await asyncio.gather(*(work.start() for work in works))
 
     [letter] = b.producer.acknowledged
     headers = {name: value.decode() for name, value in letter.headers}
@@ -271,7 +271,7 @@ async def test_prepare_only_decides_and_run_makes_the_call() -> None:
     work = await b.pipeline.prepare(record())
     assert b.api.requests == []
 
-    await work.run()
+    await work.start()
     assert len(b.api.requests) == 1
 
 
@@ -303,7 +303,7 @@ async def test_a_decode_error_dead_letters_without_a_call() -> None:
 
     key = await b.process(record(EventKind.ROW_UPDATE, offset=77))
 
-    assert key == ("dead-letter", 77)
+    assert key is None  # waits for nothing and nothing waits for it
     assert b.api.requests == []
     headers = b.dead_letter()
     assert headers["bridge.reason"] == "garbage-bytes"
@@ -331,7 +331,7 @@ async def test_a_route_error_dead_letters_without_a_call(event: Event, kind: Eve
 
     key = await b.process(record(kind, offset=5))
 
-    assert key == ("dead-letter", 5)
+    assert key is None  # a dead letter waits for nothing and nothing waits for it
     assert b.api.requests == []
     headers = b.dead_letter()
     assert headers["bridge.reason"] == reason
@@ -383,7 +383,7 @@ async def test_an_unexpected_decoder_exception_dead_letters_as_internal_error(fa
 
     key = await b.process(record(offset=3))
 
-    assert key == ("dead-letter", 3)
+    assert key is None
     headers = b.dead_letter()
     assert headers["bridge.reason"] == "internal-error"
     assert headers["__connect.errors.exception.class.name"] == "InternalError"
@@ -411,12 +411,12 @@ async def test_an_unexpected_exception_during_delivery_dead_letters_as_internal_
     assert "RuntimeError: transport bug" in headers["__connect.errors.exception.message"]
 
 
-async def test_dead_letter_work_keys_are_distinct_per_record() -> None:
+async def test_dead_letter_work_waits_for_no_other_record() -> None:
     b = bench(DecodeError("bad"))
 
     keys = {(await b.pipeline.prepare(record(offset=offset))).key for offset in range(5)}
 
-    assert len(keys) == 5
+    assert keys == {None}
 
 
 async def test_a_dead_letter_that_is_never_acknowledged_stops_the_work() -> None:
@@ -424,6 +424,6 @@ async def test_a_dead_letter_that_is_never_acknowledged_stops_the_work() -> None
     work = await b.pipeline.prepare(record())
 
     with pytest.raises(DeadLetterWriteError):
-        await work.run()
+        await work.start()
 
     assert b.producer.acknowledged == []

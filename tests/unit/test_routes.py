@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from typing import Any
 
 import pytest
@@ -283,6 +284,18 @@ def test_derived_id_differs_for_a_different_record(other: RecordCoordinates) -> 
     assert stable_inference_id(other) != stable_inference_id(WHERE)
 
 
+@pytest.mark.parametrize(
+    "where", [WHERE, RecordCoordinates("inferences.v2", 0, 0, 0), RecordCoordinates("é/ü", 11, 2**40, 0)]
+)
+def test_derived_id_is_the_uuid5_of_the_record_coordinates(where: RecordCoordinates) -> None:
+    # Redelivered rows must keep the ids earlier releases gave them: uuid5 of "topic/partition/offset"
+    # in the bridge's own namespace.
+    namespace = uuid.UUID("6f1d2c1e-4b0a-5d7e-9a51-2f3c8b7e1d40")
+    expected = uuid.uuid5(namespace, f"{where.topic}/{where.partition}/{where.offset}")
+
+    assert stable_inference_id(where) == str(expected)
+
+
 def test_derived_ids_do_not_collide_over_many_offsets() -> None:
     ids = {stable_inference_id(RecordCoordinates("t", 0, offset, 0)) for offset in range(5000)}
 
@@ -489,3 +502,25 @@ def test_equal_configs_share_a_batch_key_whatever_their_key_order() -> None:
 
     assert key_a == key_b
     assert len({key_a, key_other, key_pipe}) == 3
+
+
+def test_each_records_config_is_sent_as_it_is_even_when_configs_come_and_go() -> None:
+    r = router()
+    for n in range(200):
+        # A fresh dict each time, freed right after: CPython reuses its id, which a cache keyed
+        # by id alone would confuse with the previous config.
+        event = NewInference(pipeline_id=PIPE, row={"x": n}, inference_id=f"i{n}", config={"outputColumnName": f"o{n}"})
+        row = r.publish_row(event, WHERE)
+        assert json.loads(row.config_json) == {"outputColumnName": f"o{n}", "inferenceIdColumnName": "inference_id"}
+        del event, row
+
+
+def test_a_shared_config_object_is_serialised_once() -> None:
+    r = router()
+    config = {"outputColumnName": "o"}
+    rows = [
+        r.publish_row(NewInference(pipeline_id=PIPE, row={"x": n}, inference_id=f"i{n}", config=config), WHERE)
+        for n in range(3)
+    ]
+
+    assert rows[0].config_json is rows[1].config_json is rows[2].config_json
