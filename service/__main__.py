@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
+
+import uvloop
 
 from .app import install_signal_handlers, run, secrets_of
 from .deadletter import Redactor
@@ -27,6 +30,11 @@ async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     await run(settings, stop)
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop the service runs on; uvloop's scheduling and I/O cost less CPU per record (make bench)."""
+    return uvloop.new_event_loop if name == "uvloop" else asyncio.new_event_loop
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +56,8 @@ def main(argv: list[str]) -> int:
 
         return replay_main(argv[1:], settings)
     try:
-        asyncio.run(_serve(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.delivery.event_loop)) as runner:
+            runner.run(_serve(settings))
     except BridgeError as exc:
         print(f"inference-bridge: {exc}", file=sys.stderr)
         return 1

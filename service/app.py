@@ -167,7 +167,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             health,
         )
         loop.subscribe(list(kinds))
-        log.info("running", extra={"topics": list(kinds), "group_id": settings.kafka.group_id})
+        running_on = type(asyncio.get_running_loop())
+        log.info(
+            "running",
+            extra={
+                "topics": list(kinds),
+                "group_id": settings.kafka.group_id,
+                "event_loop": f"{running_on.__module__}.{running_on.__qualname__}",
+            },
+        )
         try:
             await loop.run(stop)
         except BaseException as exc:

@@ -194,6 +194,10 @@ class DeliverySettings(_Section):
         default="aiohttp",
         description="HTTP client library; aiohttp sends several times more calls per core (see make bench)",
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        default="uvloop",
+        description="event loop; uvloop carries more records per core, asyncio is the standard library's",
+    )
 
 
 class BatchSettings(_Section):

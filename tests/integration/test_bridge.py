@@ -4,15 +4,17 @@ and the committed offsets account for every record."""
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PARTITIONS, Case, is_marked
 from tests.support.avro_io import AvroEncoder
-from tests.support.bridge import Topics, running_bridge
+from tests.support.bridge import BridgeProcess, Topics, running_bridge
 from tests.support.fake_apis import FakeApiServer, Fault, ReceivedRequest
 from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
 
@@ -161,17 +163,31 @@ async def test_undecodable_bytes_are_dead_lettered_and_the_rest_flows(
         assert headers["__connect.errors.exception.message"]
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_committed_offsets_equal_what_was_done_across_all_topics(
-    kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+    event_loop: str,
+    kafka_bootstrap: str,
+    topics: Topics,
+    fake_apis: FakeApiServer,
+    bridge_env: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     for case in CASES:
         fake_apis.reject_when(case.endpoint, is_marked, Fault(status=400))
         await _produce_case(kafka_bootstrap, case.topic_of(topics), case, range(12), rejected=frozenset({3, 7}))
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
-    async with running_bridge(bridge_env):
+    # As deployed: `python -m service`, which picks its event loop from the settings.
+    log = tmp_path / "bridge.log"
+    process = BridgeProcess({**bridge_env, "BRIDGE_DELIVERY__EVENT_LOOP": event_loop}, log)
+    process.start()
+    try:
         for case in CASES:
             topic = case.topic_of(topics)
             await eventually(partial(_all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
+    finally:
+        assert process.terminate() == 0, log.read_text()[-3000:]
+    [running] = [line for line in map(json.loads, log.read_text().splitlines()) if line.get("msg") == "running"]
+    assert running["event_loop"].split(".")[0] == event_loop
 
     for case in CASES:
         topic = case.topic_of(topics)
