@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable
-
-import uvloop
 
 from .app import install_signal_handlers, run, secrets_of
 from .deadletter import Redactor
 from .errors import BridgeError
 from .observability import configure_logging
+from .runtime import event_loop_factory, tune_garbage_collector
 from .settings import Settings, SettingsError, load_settings
 
 
@@ -30,11 +28,6 @@ async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     await run(settings, stop)
-
-
-def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    """The loop the service runs on; uvloop's scheduling and I/O cost less CPU per record (make bench)."""
-    return uvloop.new_event_loop if name == "uvloop" else asyncio.new_event_loop
 
 
 def main(argv: list[str]) -> int:
@@ -55,6 +48,7 @@ def main(argv: list[str]) -> int:
         from .replay import main as replay_main
 
         return replay_main(argv[1:], settings)
+    tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(settings.delivery.event_loop)) as runner:
             runner.run(_serve(settings))

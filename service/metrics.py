@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -23,6 +31,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Memory, CPU and collector runs of this process: what sizing a pod and the GC thresholds
+        # in service/runtime.py are judged by.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.consumed = Counter("bridge_records_consumed", "Records fetched from Kafka.", ["topic"], registry=r)
         self.delivered = Counter("bridge_records_delivered", "Records their API accepted.", ["topic"], registry=r)
         self.dead_lettered = Counter(

@@ -81,6 +81,8 @@ async def test_metrics_and_probes_report_what_happened(
         assert await _value(port, "bridge_api_calls_total", endpoint="update_log", status_class="4xx") == 1
         assert await _value(port, "bridge_breaker_open", destination="humanloop") == 0
         assert await _value(port, "bridge_api_last_success_timestamp_seconds", destination="humanloop") > 0
+        assert await _value(port, "process_resident_memory_bytes") > 0
+        assert await _value(port, "python_gc_collections_total", generation="0") >= 0
         assert (await _get(port, "/nope")).status_code == 404
 
 
