@@ -11,9 +11,10 @@ the interface delivery uses, which is how the client was chosen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from io import BytesIO
@@ -170,14 +171,31 @@ REFERENCE_KEYS = (
 )
 
 
-async def run_all(
-    base_url: str, values: Sequence[bytes], schema: Any, concurrency: int, core: int | None
-) -> dict[str, Rate | None]:
-    """Every reference, pinned to `core` (the service's) meanwhile; keys are `REFERENCE_KEYS`."""
+@contextlib.contextmanager
+def pinned(core: int | None) -> Iterator[None]:
+    """This process on `core` (the service's) meanwhile, so references and service share a core."""
     previous = os.sched_getaffinity(0)
     if core is not None:
         os.sched_setaffinity(0, {core})
     try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def mean(samples: Sequence[Rate]) -> Rate:
+    """One figure from samples taken at different times of the run (the machine's speed drifts)."""
+    return Rate(
+        sum(r.per_s for r in samples) / len(samples),
+        sum(r.cpu_util for r in samples) / len(samples),
+    )
+
+
+async def run_all(
+    base_url: str, values: Sequence[bytes], schema: Any, concurrency: int, core: int | None
+) -> dict[str, Rate | None]:
+    """Every reference, pinned to `core` (the service's) meanwhile; keys are `REFERENCE_KEYS`."""
+    with pinned(core):
         return {
             "decode_only_per_s": decode_only(values, schema),
             "raw_http_per_s": await raw_aiohttp(base_url, concurrency, 60_000, 10.0),
@@ -198,5 +216,3 @@ async def run_all(
                 8.0,
             ),
         }
-    finally:
-        os.sched_setaffinity(0, previous)

@@ -132,6 +132,9 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         value = figures.get(key)
         per_cpu = figures["references_per_cpu_s"].get(key)
         text = "not measured" if value is None else f"{value:>10,.0f} /s  {num(per_cpu):>10} per CPU-s"
+        taken = figures.get("reference_samples_per_s", {}).get(key, [])
+        if len(taken) > 1:
+            text += "  (mean of " + ", ".join(num(v) for v in taken) + ")"
         lines.append(f"  {label:<44}{text}")
     lines += ["", "targets:"]
     values = {
