@@ -19,14 +19,10 @@ from .settings import KafkaSettings
 
 def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
     """A fetched record as the plain value the rest of the service uses (headers as bytes, always)."""
+    # Once per record: positional, and no generator for the common record without headers.
+    headers = tuple((name, bytes(value)) for name, value in record.headers) if record.headers else ()
     return SourceRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple((name, bytes(value)) for name, value in record.headers),
-        timestamp_ms=record.timestamp,
+        record.topic, record.partition, record.offset, record.key, record.value, headers, record.timestamp
     )
 
 

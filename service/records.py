@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
+# NamedTuples, not frozen dataclasses: as immutable, and about four times cheaper to build, which
+# counts for values made once per record (a frozen dataclass sets each field through object.__setattr__).
+class SourceRecord(NamedTuple):
     topic: str
     partition: int
     offset: int
@@ -18,8 +19,7 @@ class SourceRecord:
     timestamp_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
+class Work(NamedTuple):
     """A prepared record: its ordering key and how to start bringing it to a durable outcome.
 
     Records of one partition with equal keys run one after another in offset order; different

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 
 from aiokafka import TopicPartition
 
-from service.consumer import ConsumerLoop, PartitionWorker
+from service.consumer import ConsumerLoop, PartitionWorker, Slots
 from service.records import SourceRecord, Work
 
 
@@ -49,14 +49,14 @@ async def _drain(*workers: PartitionWorker) -> None:
         await asyncio.sleep(0.001)
 
 
-def _worker(partition: int, probe: _Probe, per_partition: int, shared: asyncio.Semaphore) -> PartitionWorker:
+def _worker(partition: int, probe: _Probe, per_partition: int, shared: Slots) -> PartitionWorker:
     loop: ConsumerLoop = _Loop()  # type: ignore[assignment]  # a stand-in with the one method used
     return PartitionWorker(TopicPartition("t", partition), probe.prepare, per_partition, shared, loop)
 
 
 async def test_same_key_runs_in_offset_order_and_all_offsets_complete() -> None:
     probe = _Probe(dict.fromkeys(range(10), "one-key"))
-    worker = _worker(0, probe, 8, asyncio.Semaphore(100))
+    worker = _worker(0, probe, 8, Slots(100))
     worker.push(_records(0, 10))
     await asyncio.wait_for(_drain(worker), 10)
     assert probe.order == list(range(10))
@@ -66,7 +66,7 @@ async def test_same_key_runs_in_offset_order_and_all_offsets_complete() -> None:
 
 async def test_different_keys_overlap_up_to_the_partition_bound() -> None:
     probe = _Probe({o: o for o in range(10)})
-    worker = _worker(0, probe, 3, asyncio.Semaphore(100))
+    worker = _worker(0, probe, 3, Slots(100))
     worker.push(_records(0, 10))
     await asyncio.wait_for(_drain(worker), 10)
     assert probe.peak == 3
@@ -76,7 +76,7 @@ async def test_different_keys_overlap_up_to_the_partition_bound() -> None:
 
 async def test_the_shared_bound_holds_across_partitions() -> None:
     probe = _Probe({o: o for o in range(10)})
-    shared = asyncio.Semaphore(2)
+    shared = Slots(2)
     first, second = _worker(0, probe, 5, shared), _worker(1, probe, 5, shared)
     first.push(_records(0, 10))
     second.push(_records(1, 10))
@@ -88,7 +88,7 @@ async def test_the_shared_bound_holds_across_partitions() -> None:
 
 async def test_keyless_work_overlaps_up_to_the_partition_bound() -> None:
     probe = _Probe(dict.fromkeys(range(10)))
-    worker = _worker(0, probe, 4, asyncio.Semaphore(100))
+    worker = _worker(0, probe, 4, Slots(100))
     worker.push(_records(0, 10))
     await asyncio.wait_for(_drain(worker), 10)
     assert probe.peak == 4
@@ -125,7 +125,7 @@ async def _settled() -> None:
 async def test_future_outcomes_settled_out_of_order_commit_only_the_done_prefix() -> None:
     outcomes = _Outcomes()
     loop = _Loop()
-    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, asyncio.Semaphore(8), loop)  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)  # type: ignore[arg-type]
     worker.push(_records(0, 3))
     await asyncio.wait_for(_started(outcomes, 3), 5)
 
@@ -146,7 +146,7 @@ async def test_future_outcomes_settled_out_of_order_commit_only_the_done_prefix(
 async def test_a_failed_outcome_stops_the_loop_and_is_never_committed() -> None:
     outcomes = _Outcomes()
     loop = _Loop()
-    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, asyncio.Semaphore(8), loop)  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)  # type: ignore[arg-type]
     worker.push(_records(0, 2))
     await asyncio.wait_for(_started(outcomes, 2), 5)
     fatal = RuntimeError("the dead-letter topic refused the record")
@@ -162,14 +162,54 @@ async def test_a_failed_outcome_stops_the_loop_and_is_never_committed() -> None:
 
 async def test_stop_cancels_unfinished_outcomes_and_frees_their_slots() -> None:
     outcomes = _Outcomes()
-    shared = asyncio.Semaphore(2)
+    shared = Slots(2)
     worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, shared, _Loop())  # type: ignore[arg-type]
     worker.push(_records(0, 2))
     await asyncio.wait_for(_started(outcomes, 2), 5)
-    assert shared.locked()
+    assert shared.free == 0
 
     await worker.stop(0.01)
 
     assert all(future.cancelled() for future in outcomes.futures.values())
     assert worker.tracker.committable() is None  # read again by whoever owns the partition next
-    assert not shared.locked()
+    assert shared.free == 2
+
+
+async def test_slots_are_handed_to_waiters_in_order() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    order: list[str] = []
+
+    async def taker(name: str) -> None:
+        await slots.take()
+        order.append(name)
+
+    waiting = [asyncio.create_task(taker(name)) for name in ("a", "b")]
+    await asyncio.sleep(0)
+    assert order == []
+    assert not slots.try_take()  # no jumping the queue, even by a synchronous taker
+
+    slots.release()
+    await asyncio.sleep(0)
+    assert order == ["a"]
+    slots.release()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert order == ["a", "b"]
+    assert slots.free == 0
+    slots.release()
+    assert slots.free == 1
+
+
+async def test_a_cancelled_waiter_does_not_swallow_a_slot() -> None:
+    slots = Slots(1)
+    assert slots.try_take()
+    cancelled = asyncio.create_task(slots.take())
+    patient = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+
+    slots.release()  # handed to the first waiter ...
+    cancelled.cancel()  # ... which is cancelled before it runs: the slot must pass on
+    await asyncio.wait_for(patient, 5)
+
+    assert cancelled.cancelled()
+    assert slots.free == 0

@@ -3,8 +3,6 @@ plus a replay count, the filter and the refusal rules decide as documented, and 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from service.deadletter import Redactor, build_dead_letter
@@ -90,7 +88,7 @@ def test_replay_restores_the_original_record_with_a_count() -> None:
 
 
 def test_the_count_is_carried_forward_and_incremented() -> None:
-    replayed_once = replace(RECORD, headers=(*ORIGINAL_HEADERS, (REPLAY_COUNT_HEADER, b"1")))
+    replayed_once = RECORD._replace(headers=(*ORIGINAL_HEADERS, (REPLAY_COUNT_HEADER, b"1")))
     letter = dead_letter(DecodeError("bad"), record=replayed_once)
 
     decision = plan(letter, reasons=frozenset(), max_replays=3)
@@ -184,14 +182,14 @@ def test_the_filter_comes_before_refusal() -> None:
 @pytest.mark.parametrize(("count", "verdict"), [(0, Verdict.REPLAY), (2, Verdict.REPLAY), (3, Verdict.REFUSE)])
 def test_records_replayed_max_times_are_refused(count: int, verdict: Verdict) -> None:
     headers = (*ORIGINAL_HEADERS, (REPLAY_COUNT_HEADER, str(count).encode())) if count else ORIGINAL_HEADERS
-    letter = dead_letter(DecodeError("bad"), record=replace(RECORD, headers=headers))
+    letter = dead_letter(DecodeError("bad"), record=RECORD._replace(headers=headers))
 
     assert decide(letter, max_replays=3) is verdict
 
 
 def test_an_unreadable_count_is_refused_rather_than_reset() -> None:
     headers = (*ORIGINAL_HEADERS, (REPLAY_COUNT_HEADER, b"lots"))
-    letter = dead_letter(DecodeError("bad"), record=replace(RECORD, headers=headers))
+    letter = dead_letter(DecodeError("bad"), record=RECORD._replace(headers=headers))
 
     decision = plan(letter, reasons=frozenset(), max_replays=3)
 
