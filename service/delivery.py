@@ -23,6 +23,7 @@ from .httpclient import HttpClient, HttpResponse, TransportFailure
 from .metrics import Metrics
 from .routes import ApiRequest, Destination
 from .settings import DeliverySettings
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Delivery:
         self._breakers = breakers
         # Calls wait here rather than in the client's pool: a pool wait that timed out would look
         # like an API failure and count against the destination's breaker.
-        self._slots = {dest: asyncio.Semaphore(settings.max_connections) for dest in auth_headers}
+        self._slots = {dest: Slots(settings.max_connections) for dest in auth_headers}
         self._rng = rng
         self._now = wall_clock
 
@@ -74,10 +75,15 @@ class Delivery:
             attempt += 1
             started = time.monotonic()
             try:
-                async with self._slots[request.destination]:
+                slots = self._slots[request.destination]
+                if not slots.try_take():
+                    await slots.take()
+                try:
                     response = await self._client.send(
                         request.method, request.url, request.params, headers, request.body
                     )
+                finally:
+                    slots.release()
             except TransportFailure as exc:
                 self._metrics.call(endpoint, destination, None, time.monotonic() - started)
                 self._metrics.retries.labels(endpoint, exc.kind).inc()

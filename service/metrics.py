@@ -76,6 +76,7 @@ class Metrics:
         self._call_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._delivered_children: dict[str, Counter] = {}
+        self._success_children: dict[str, Gauge] = {}
 
     def record_delivered(self, topic: str) -> None:
         # Once per record on the hottest path: a cached child, not `.labels()` each time.
@@ -96,7 +97,10 @@ class Metrics:
             histogram = self._latency_children[endpoint] = self.call_seconds.labels(endpoint)
         histogram.observe(seconds)
         if status is not None and 200 <= status < 300:
-            self.last_success.labels(destination).set(time.time())
+            gauge = self._success_children.get(destination)
+            if gauge is None:
+                gauge = self._success_children[destination] = self.last_success.labels(destination)
+            gauge.set(time.time())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

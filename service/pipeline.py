@@ -94,7 +94,7 @@ class Pipeline:
         return self._start(self._dead_letter(record, error))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(work)
+        task = asyncio.get_running_loop().create_task(work)  # not ensure_future: its checks cost per record
         # The loop keeps only weak references to tasks; this set keeps them running.
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
