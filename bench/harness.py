@@ -50,6 +50,7 @@ OPENLAYER_KEY, HUMANLOOP_KEY = "bench-openlayer-key", "bench-humanloop-key"
 class Options:
     inference_records: int
     update_records: int
+    rounds: int
     partitions: int
     concurrency: int
     latency_seconds: float
@@ -88,6 +89,31 @@ class PhaseResult:
     @property
     def per_cpu_s(self) -> float:
         return self.rate / self.service_cpu_util if self.service_cpu_util > 0 else 0.0
+
+
+def merge_rounds(rounds: list[PhaseResult]) -> PhaseResult:
+    """One phase's figure from its rounds: mean rate and utilisation (the machine drifts between
+    rounds), totals of what was done, the worst of memory and of log problems."""
+    first = rounds[0]
+    n = len(rounds)
+    return PhaseResult(
+        name=first.name,
+        unit=first.unit,
+        expected=sum(r.expected for r in rounds),
+        done=sum(r.done for r in rounds),
+        calls=sum(r.calls for r in rounds),
+        window_s=sum(r.window_s for r in rounds),
+        rate=sum(r.rate for r in rounds) / n,
+        drain_s=max((r.drain_s for r in rounds if r.drain_s is not None), default=None),
+        drained=all(r.drained for r in rounds),
+        service_cpu_util=sum(r.service_cpu_util for r in rounds) / n,
+        sink_cpu_util=sum(r.sink_cpu_util for r in rounds) / n,
+        peak_rss_mib=max(r.peak_rss_mib for r in rounds),
+        capped=any(r.capped for r in rounds),
+        exit_code=next((r.exit_code for r in rounds if r.exit_code), first.exit_code),
+        log_problems=sum(r.log_problems for r in rounds),
+        extra={**first.extra, "round_rates": [round(r.rate, 1) for r in rounds]},
+    )
 
 
 @dataclass(slots=True)

@@ -53,6 +53,7 @@ def summary(bench: Bench, references: dict[str, Rate | None]) -> dict[str, Any]:
     # The same ratios from CPU-normalised figures: steadier when other work shares the machine.
     figures["inference_ratio_per_cpu_s"] = _ratio(per_cpu.get("inferences"), ref_cpu.get("decode_only_per_s"))
     figures["update_ratio_per_cpu_s"] = _ratio(per_cpu.get("row_updates"), ref_cpu.get("raw_http_per_s"))
+    figures["round_rates"] = {name: res.extra["round_rates"] for name, res in r.items() if "round_rates" in res.extra}
     figures["service_log_problems"] = {name: res.log_problems for name, res in r.items()}
     figures["service_cpu_util"] = {name: round(res.service_cpu_util, 3) for name, res in r.items()}
     figures["sink_cpu_util"] = {name: round(res.sink_cpu_util, 3) for name, res in r.items() if name != "latency"}
@@ -105,6 +106,11 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
             f"{res.unit:<8}{100 * res.service_cpu_util:>7.0f}%{res.per_cpu_s:>11,.0f}{100 * res.sink_cpu_util:>8.0f}%"
             f"{num(res.drain_s, 1) if res.drained else 'NO':>10}{res.peak_rss_mib:>9.0f}"
             + ("  (capped by time)" if res.capped else "")
+            + (
+                f"  (mean of rounds: {', '.join(num(v) for v in rates)})"
+                if (rates := res.extra.get("round_rates"))
+                else ""
+            )
             + (f"  ({res.log_problems} warning lines in the service log)" if res.log_problems else "")
         )
     if "latency" in bench.results:
