@@ -4,5 +4,5 @@
 # `make bench BENCH_ARGS="--quick"` or `BENCH_ARGS="--profile .cache/bench/prof"`.
 .PHONY: bench
 
-bench: install kafka-jars ## the benchmark: a table, then one JSON line of figures (~10 min)
+bench: install kafka-jars ## the benchmark: a table, then one JSON line of figures (~5 min)
 	$(PY) -m bench $(BENCH_ARGS)

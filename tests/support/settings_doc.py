@@ -24,7 +24,12 @@ def _type(field: FieldInfo) -> str:
     text = str(field.annotation)
     for noise in ("typing.", "pydantic.types.", "pathlib.", "<class '", "'>"):
         text = text.replace(noise, "")
-    return text.replace("Optional[", "").rstrip("]") + (" | None" if "Optional[" in str(field.annotation) else "")
+    optional = text.startswith("Optional[")
+    if optional:
+        text = text.removeprefix("Optional[").removesuffix("]")
+    if text.startswith("Literal["):
+        text = "one of " + text.removeprefix("Literal[").removesuffix("]")
+    return text + (" | None" if optional else "")
 
 
 def _default(field: FieldInfo, name: str) -> str:
