@@ -146,6 +146,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             batcher,
             kinds,
             rng=rng,
+            initial_backoff_s=d.initial_backoff_s,
             max_backoff_s=d.max_backoff_s,
             metrics=metrics,
         )

@@ -1,7 +1,7 @@
 """The Kafka loop: fetch, hand records to per-partition workers, commit the done prefix, stop cleanly.
 
-It knows nothing of Avro or HTTP: a record becomes `Work` through the injected `prepare`, and
-`Work.run` returns when the record is durable. Per partition, records are prepared in offset order
+It knows nothing of Avro or HTTP: a record becomes `Work` through the injected `prepare`, and the
+future `Work.start` returns completes when the record is durable. Per partition, records are prepared in offset order
 and same-key work runs in that order, while different keys overlap up to a bound. Commits are
 `offset+1` of the contiguous done prefix, on a timer, on revoke and at stop, and only for partitions
 this member still owns. A partition whose backlog is full is paused, so a stalled API never makes
@@ -96,8 +96,15 @@ class PartitionWorker:
     def _launch(self, work: Work, offset: int) -> None:
         key = work.key
         previous = None if key is None else self._tails.get(key)
-        # Only a record that must wait for an earlier one of its key costs a task here.
-        outcome = work.start() if previous is None or previous.done() else asyncio.ensure_future(_after(previous, work))
+        try:
+            # Only a record that must wait for an earlier one of its key costs a task here.
+            outcome = (
+                work.start() if previous is None or previous.done() else asyncio.ensure_future(_after(previous, work))
+            )
+        except BaseException:  # a bug in `start`: the loop stops (see _feed), but not with our slots held
+            self._slots.release()
+            self._shared.release()
+            raise
         if key is not None:
             self._tails[key] = outcome
         self._running.add(outcome)

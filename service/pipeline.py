@@ -1,6 +1,6 @@
 """The per-record logic: decode, route, deliver, or dead-letter; the Kafka loop sees only `Work`.
 
-`prepare` runs in offset order per partition and decides the record's ordering key; `Work.run`
+`prepare` runs in offset order per partition and decides the record's ordering key; `Work.start`
 brings it to a durable outcome. A schema registry outage is waited out inside `prepare` (it is
 not the record's fault), so records behind it simply wait, uncommitted.
 """
@@ -42,6 +42,7 @@ class Pipeline:
         kinds: Mapping[str, EventKind],
         *,
         rng: random.Random,
+        initial_backoff_s: float,
         max_backoff_s: float,
         metrics: Metrics,
     ) -> None:
@@ -53,6 +54,7 @@ class Pipeline:
         self._batcher = batcher
         self._kinds = kinds
         self._rng = rng
+        self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -81,7 +83,8 @@ class Pipeline:
                 log.warning(
                     "decoding needs a service that is down, will retry", extra={**_where(record), "error": str(exc)}
                 )
-                await asyncio.sleep(backoff_s(attempt - 1, 0.5, self._max_backoff_s, self._rng))
+                pause = backoff_s(attempt - 1, self._initial_backoff_s, self._max_backoff_s, self._rng)
+                await asyncio.sleep(pause)
 
     def _dead_work(self, record: SourceRecord, error: RecordError) -> Work:
         # Nothing else depends on a dead-lettered record, so it waits for nothing.
@@ -122,7 +125,11 @@ class Pipeline:
             outcome.set_result(None)
             return
         error = exc if isinstance(exc, RecordError) else _bug(record, exc, "publishing")
-        self._start_dead_letter(record, error).add_done_callback(partial(_settle, outcome))
+        writing = self._start_dead_letter(record, error)
+        writing.add_done_callback(partial(_settle, outcome))
+        # As for any other record: cancelling it (stop, revoke) cancels its dead-letter write, so a
+        # write cannot outlive the partition and be repeated by its next owner.
+        outcome.add_done_callback(partial(_cancel_if_cancelled, writing))
 
     async def _deliver(self, record: SourceRecord, request: ApiRequest) -> None:
         try:
@@ -171,6 +178,8 @@ async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows:
 def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
     """Give `target` the outcome of `source`."""
     if target.done():
+        if not source.cancelled():
+            source.exception()  # retrieved, so asyncio does not report it as lost
         return
     if source.cancelled():
         target.cancel()
@@ -180,9 +189,15 @@ def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
         target.set_result(None)
 
 
+def _cancel_if_cancelled(work: asyncio.Future[None], outcome: asyncio.Future[None]) -> None:
+    if outcome.cancelled():
+        work.cancel()
+
+
 def _bug(record: SourceRecord, exc: BaseException, doing: str) -> InternalError:
     """Our own bug met this record: log it loudly, and dead-letter the record rather than crash."""
-    log.exception(f"unexpected error {doing} a record", extra=_where(record))
+    # exc_info=exc, not log.exception: this also runs in done callbacks, outside any `except`.
+    log.error(f"unexpected error {doing} a record", exc_info=exc, extra=_where(record))
     return InternalError(f"{type(exc).__name__}: {exc}")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PARTITIONS, Case, is_marked
+from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import BridgeProcess, Topics, running_bridge
 from tests.support.fake_apis import FakeApiServer, Fault, ReceivedRequest
@@ -195,3 +196,41 @@ async def test_committed_offsets_equal_what_was_done_across_all_topics(
         assert done == 12
         assert sum((await committed(kafka_bootstrap, group, topic)).values()) == 12
         assert len(await committed(kafka_bootstrap, group, topic)) <= PARTITIONS
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_ids_with_reserved_characters_stay_one_path_segment_and_one_query_value(
+    http_client: str, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    # Ids come from producers we do not control: none of these characters may add a path segment,
+    # a query parameter or a fragment on the wire, whichever HTTP client sends the call.
+    pipeline = "pipe/../admin?x=1#frag %é"
+    inference_id = "inf&inferenceId=other#x /é"
+    config = {"output_column_name": "output"}
+    await produce(
+        kafka_bootstrap,
+        topics.inferences,
+        [ENCODER.plain("inference", avro_io.inference(pipeline, {"output": "o"}, inference_id="i-1", config=config))],
+    )
+    await produce(
+        kafka_bootstrap,
+        topics.row_updates,
+        [ENCODER.plain("row_update", avro_io.row_update(pipeline, inference_id, {"label": 1}))],
+    )
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge({**bridge_env, "BRIDGE_DELIVERY__HTTP_CLIENT": http_client}):
+        for topic in (topics.inferences, topics.row_updates):
+            await eventually(partial(_all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
+
+    [publish] = fake_apis.requests("publish")
+    [update] = fake_apis.requests("update_row")
+    for request, tail in ((publish, "/data-stream"), (update, "/rows")):
+        prefix = "/openlayer/v1/inference-pipelines/"
+        path = request.raw_path.partition("?")[0]  # aiohttp's raw_path carries the query too
+        assert path.startswith(prefix)
+        assert path.endswith(tail)
+        segment = path.removeprefix(prefix).removesuffix(tail)
+        assert not set(segment) & set("/?# "), f"{segment!r} must be one encoded path segment"
+        assert request.pipeline_id == pipeline  # the server decodes it back to the producer's id
+    assert update.query == {"inferenceId": inference_id}
+    assert publish.status == update.status == 200

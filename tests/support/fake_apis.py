@@ -161,6 +161,7 @@ class ReceivedRequest:
     endpoint: Endpoint
     method: str
     path: str
+    """Percent-decoded, as aiohttp's `request.path`."""
     query: dict[str, str]
     headers: dict[str, str]
     """Header names lower-cased."""
@@ -174,6 +175,10 @@ class ReceivedRequest:
     None when the request was judged on its merits (success, 401, validation errors)."""
     received_at: float
     """time.time() when the request arrived."""
+    raw_path: str = ""
+    """The request target exactly as it came over the wire (path and query), percent-encoding included."""
+    pipeline_id: str | None = None
+    """The decoded `{id}` path segment of an Openlayer endpoint."""
 
     def to_json(self) -> dict[str, Any]:
         """The control API's form: the body decoded as JSON, or as text when it is not JSON."""
@@ -190,6 +195,8 @@ class ReceivedRequest:
             "status": self.status,
             "fault": self.fault,
             "received_at": self.received_at,
+            "raw_path": self.raw_path,
+            "pipeline_id": self.pipeline_id,
         }
 
 
@@ -704,6 +711,8 @@ class FakeApiServer(ThreadedServer):
             status=status,
             fault=fault,
             received_at=received_at,
+            raw_path=request.raw_path,
+            pipeline_id=request.match_info.get("pipeline_id"),
         )
         with self._arrived:
             self._counts[endpoint] += 1

@@ -174,3 +174,43 @@ async def test_stop_cancels_unfinished_outcomes_and_frees_their_slots() -> None:
     assert all(future.cancelled() for future in outcomes.futures.values())
     assert worker.tracker.committable() is None  # read again by whoever owns the partition next
     assert shared.free == 2
+
+
+async def test_stop_cancels_a_same_key_chain_and_frees_every_slot() -> None:
+    keyed = _Outcomes()
+
+    async def prepare(record: SourceRecord) -> Work:
+        # One key for all: record 1 waits for record 0, record 2 for record 1.
+        return (await keyed.prepare(record))._replace(key="same")
+
+    shared = Slots(3)
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 3))
+    await asyncio.wait_for(_started(keyed, 1), 5)
+    await _settled()
+    assert list(keyed.futures) == [0]  # the others wait for it, unstarted
+    assert shared.free == 0
+
+    await worker.stop(0.01)
+
+    assert list(keyed.futures) == [0]  # cancelled before they ever started
+    assert worker.tracker.committable() is None
+    assert shared.free == 3
+
+
+async def test_a_start_that_raises_stops_the_loop_without_keeping_its_slots() -> None:
+    async def prepare(record: SourceRecord) -> Work:
+        def start() -> asyncio.Future[None]:
+            raise RuntimeError("a bug in start")
+
+        return Work(key=None, start=start)
+
+    loop = _Loop()
+    shared = Slots(2)
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, loop)  # type: ignore[arg-type]
+    worker.push(_records(0, 1))
+    await _settled()
+
+    assert [str(e) for e in loop.failures] == ["a bug in start"]
+    assert shared.free == 2
+    await worker.stop(0.01)

@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import Callable, Hashable
 from functools import partial
+from typing import Any
 
 import httpx
 import pytest
@@ -57,11 +58,17 @@ class FakeDecoder:
 
 
 class FakeProducer:
-    def __init__(self, *, failures: int = 0) -> None:
+    def __init__(self, *, failures: int = 0, gate: asyncio.Event | None = None) -> None:
         self.failures = failures
+        self.gate = gate
+        """When set, every send waits for it: a slow dead-letter topic."""
+        self.sending = asyncio.Event()
         self.acknowledged: list[DeadLetter] = []
 
     async def send(self, letter: DeadLetter) -> None:
+        self.sending.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.failures:
             self.failures -= 1
             raise TransientError("broker unreachable")
@@ -102,7 +109,14 @@ class Api:
 
 
 class Bench:
-    def __init__(self, decoder: FakeDecoder, api: Api, producer: FakeProducer, dlq_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        decoder: FakeDecoder,
+        api: Api,
+        producer: FakeProducer,
+        dlq_attempts: int = 3,
+        backoff_s: tuple[float, float] = (0.001, 0.001),
+    ) -> None:
         self.decoder = decoder
         self.api = api
         self.producer = producer
@@ -144,7 +158,7 @@ class Bench:
         self.batcher = Batcher(
             partial(publish_batch, router, delivery), max_rows=50, max_bytes=1_000_000, linger_s=0.005
         )
-        # max_backoff_s bounds the pause between registry retries, so they cost about a millisecond.
+        # By default registry retries pause about a millisecond.
         self.pipeline = Pipeline(
             decoder,
             router,
@@ -153,7 +167,8 @@ class Bench:
             self.batcher,
             KINDS,
             rng=rng,
-            max_backoff_s=0.001,
+            initial_backoff_s=backoff_s[0],
+            max_backoff_s=backoff_s[1],
             metrics=self.metrics,
         )
 
@@ -171,7 +186,7 @@ class Bench:
         return {name: value.decode() for name, value in letter.headers}
 
 
-def bench(*outcomes: Outcome, api: Api | None = None, producer: FakeProducer | None = None, **kw: int) -> Bench:
+def bench(*outcomes: Outcome, api: Api | None = None, producer: FakeProducer | None = None, **kw: Any) -> Bench:
     return Bench(FakeDecoder(*outcomes), api or Api(), producer or FakeProducer(), **kw)
 
 
@@ -273,6 +288,25 @@ async def test_prepare_only_decides_and_run_makes_the_call() -> None:
 
     await work.start()
     assert len(b.api.requests) == 1
+
+
+async def test_registry_retries_back_off_from_the_configured_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recorded(delay: float) -> None:
+        pauses.append(delay)
+        await real_sleep(0)
+
+    outage = [RegistryUnavailable(f"registry: 503 #{n}") for n in range(4)]
+    b = bench(*outage, UPDATE_LOG, backoff_s=(0.2, 0.5))
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+
+    await b.pipeline.prepare(record(EventKind.LOG_UPDATE))
+
+    # BRIDGE_DELIVERY__INITIAL_BACKOFF_S doubling up to MAX_BACKOFF_S, each jittered to 75-100%.
+    for pause, base in zip(pauses, [0.2, 0.4, 0.5, 0.5], strict=True):
+        assert 0.75 * base <= pause <= base
 
 
 async def test_registry_unavailable_is_waited_out_not_dead_lettered() -> None:
@@ -427,3 +461,53 @@ async def test_a_dead_letter_that_is_never_acknowledged_stops_the_work() -> None
         await work.start()
 
     assert b.producer.acknowledged == []
+
+
+# --- batched rows whose record is cancelled or whose batch meets a bug --------------------------------------------
+
+
+async def test_a_bug_in_a_batch_dead_letters_its_rows_as_internal_errors_with_the_traceback_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    b = bench(PUBLISH, api=Api(RuntimeError("the sink's client blew up")))
+
+    await (await b.pipeline.prepare(record())).start()
+
+    assert b.dead_letter()["bridge.reason"] == "internal-error"
+    [logged] = [r for r in caplog.records if r.getMessage() == "unexpected error publishing a record"]
+    assert logged.exc_info is not None
+    assert isinstance(logged.exc_info[1], RuntimeError)
+
+
+async def test_a_row_cancelled_before_its_batch_is_refused_starts_no_dead_letter() -> None:
+    b = bench(PUBLISH, api=Api(httpx.Response(422, json={"code": 422, "error": "bad row"})))
+    work = await b.pipeline.prepare(record())
+
+    outcome = work.start()
+    outcome.cancel()  # a stop or revoke before the batch was answered: the record will be read again
+    await _batches_sent(b)
+
+    assert b.producer.acknowledged == []
+    assert not b.producer.sending.is_set()
+
+
+async def test_cancelling_a_refused_row_cancels_its_dead_letter_write() -> None:
+    gate = asyncio.Event()
+    refusal = httpx.Response(422, json={"code": 422, "error": "bad row"})
+    b = bench(PUBLISH, api=Api(refusal), producer=FakeProducer(gate=gate))
+    outcome = (await b.pipeline.prepare(record())).start()
+    await asyncio.wait_for(b.producer.sending.wait(), 5)  # the dead-letter write is under way
+
+    outcome.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.sleep(0.01)
+
+    assert b.producer.acknowledged == []  # the write did not outlive its record
+    assert b.pipeline._tasks == set()
+
+
+async def _batches_sent(b: Bench) -> None:
+    while not b.api.requests:  # noqa: ASYNC110  # the fake API has no event to await
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)  # the answer reaches the batcher and the row's callbacks run
