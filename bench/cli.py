@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,13 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
         references = await run_all(base_url, values, schema, o.concurrency, core)
         print("  " + ", ".join(f"{k} {num(v.per_s if v else None)}" for k, v in references.items()), flush=True)
         samples = {key: [first] for key in ("decode_only_per_s", "raw_http_per_s") if (first := references[key])}
-    again: dict[str, tuple[str, Callable[[], Awaitable[Rate]]]] = {
-        "inferences": ("decode_only_per_s", lambda: _sync(decode_only, values, schema)),
-        "row_updates": ("raw_http_per_s", lambda: raw_aiohttp(base_url, o.concurrency, 60_000, 10.0)),
-    }
+    again = {"inferences": "decode_only_per_s", "row_updates": "raw_http_per_s"}
+
+    async def measure_again(key: str) -> Rate:
+        if key == "decode_only_per_s":
+            return decode_only(values, schema)
+        return await raw_aiohttp(base_url, o.concurrency, 60_000, 10.0)
+
     plan = (
         ("inferences", "inference", o.inference_records, 0.0),
         ("row_updates", "row_update", o.update_records, 0.0),
@@ -71,10 +73,9 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
             f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, drained {res.drained}",
             flush=True,
         )
-        if phase in again and again[phase][0] in samples:
-            key, measure = again[phase]
+        if (key := again.get(phase)) in samples:
             with pinned(core):
-                samples[key].append(await measure())
+                samples[key].append(await measure_again(key))
             references[key] = mean(samples[key])
             print(f"  {key} again: " + ", ".join(num(r.per_s) for r in samples[key]), flush=True)
     # The update phases again, in the same order, as often as asked: their ratio to each other (latency
@@ -108,10 +109,6 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
                     flush=True,
                 )
     return references, samples
-
-
-async def _sync(measure: Callable[..., Rate], *args: Any) -> Rate:
-    return measure(*args)
 
 
 def _machine(pinning: bool, external: bool) -> dict[str, Any]:

@@ -113,14 +113,7 @@ async def raw_aiohttp(base_url: str, concurrency: int, count: int, max_seconds: 
 async def raw_httpx(base_url: str, concurrency: int, count: int, max_seconds: float) -> Rate:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, pool=None)) as client:
-
-        async def send(i: int) -> None:
-            url, params, body = update_call(base_url, i)
-            response = await client.put(url, params=params, content=body, headers=_HEADERS)
-            if response.status_code != 200:
-                raise RuntimeError(f"sink answered {response.status_code}")
-
-        return await _drive(send, concurrency, count, max_seconds)
+        return await _drive_httpx(client, base_url, concurrency, count, max_seconds)
 
 
 async def httpx_over_aiohttp(base_url: str, concurrency: int, count: int, max_seconds: float) -> Rate | None:
@@ -133,14 +126,19 @@ async def httpx_over_aiohttp(base_url: str, concurrency: int, count: int, max_se
         client=lambda: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency))
     )
     async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(30.0, pool=None)) as client:
+        return await _drive_httpx(client, base_url, concurrency, count, max_seconds)
 
-        async def send(i: int) -> None:
-            url, params, body = update_call(base_url, i)
-            response = await client.put(url, params=params, content=body, headers=_HEADERS)
-            if response.status_code != 200:
-                raise RuntimeError(f"sink answered {response.status_code}")
 
-        return await _drive(send, concurrency, count, max_seconds)
+async def _drive_httpx(
+    client: httpx.AsyncClient, base_url: str, concurrency: int, count: int, max_seconds: float
+) -> Rate:
+    async def send(i: int) -> None:
+        url, params, body = update_call(base_url, i)
+        response = await client.put(url, params=params, content=body, headers=_HEADERS)
+        if response.status_code != 200:
+            raise RuntimeError(f"sink answered {response.status_code}")
+
+    return await _drive(send, concurrency, count, max_seconds)
 
 
 async def bridge_client(

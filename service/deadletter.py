@@ -57,6 +57,13 @@ class Redactor:
         return text
 
 
+SOURCE_TOPIC_HEADER = "__connect.errors.topic"
+SOURCE_PARTITION_HEADER = "__connect.errors.partition"
+SOURCE_OFFSET_HEADER = "__connect.errors.offset"
+REASON_HEADER = "bridge.reason"
+"""Headers the replay command reads back, so they are named once, here where they are written."""
+
+
 def build_dead_letter(
     record: SourceRecord,
     error: RecordError,
@@ -68,15 +75,15 @@ def build_dead_letter(
     now_ms: int,
 ) -> DeadLetter:
     context = [
-        ("__connect.errors.topic", record.topic),
-        ("__connect.errors.partition", str(record.partition)),
-        ("__connect.errors.offset", str(record.offset)),
+        (SOURCE_TOPIC_HEADER, record.topic),
+        (SOURCE_PARTITION_HEADER, str(record.partition)),
+        (SOURCE_OFFSET_HEADER, str(record.offset)),
         ("__connect.errors.connector.name", group_id),
         ("__connect.errors.stage", error.stage.value),
         ("__connect.errors.class.name", "inference-bridge"),
         ("__connect.errors.exception.class.name", type(error).__name__),
         ("__connect.errors.exception.message", redact(str(error))[:_MAX_MESSAGE_CHARS]),
-        ("bridge.reason", error.reason),
+        (REASON_HEADER, error.reason),
         ("bridge.failed.at.ms", str(now_ms)),
     ]
     if isinstance(error, RejectedError):

@@ -145,12 +145,9 @@ def build_http_client(
     kind: HttpClientKind, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int
 ) -> HttpClient:
     """The configured client; call it inside the running event loop."""
-    if kind == "aiohttp":
-        return AiohttpClient(
-            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, max_connections=max_connections
-        )
-    if kind == "httpx":
-        return HttpxClient(
-            connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, max_connections=max_connections
-        )
-    raise ValueError(f"unknown HTTP client {kind!r}")
+    clients: dict[str, type[AiohttpClient | HttpxClient]] = {"aiohttp": AiohttpClient, "httpx": HttpxClient}
+    if kind not in clients:
+        raise ValueError(f"unknown HTTP client {kind!r}")
+    return clients[kind](
+        connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s, max_connections=max_connections
+    )

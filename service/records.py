@@ -34,9 +34,4 @@ class Work(NamedTuple):
 
 
 Prepare = Callable[[SourceRecord], Awaitable[Work]]
-"""The per-record logic: decode, route, deliver, or dead-letter; the Kafka loop sees only `Work`.
-
-`prepare` runs in offset order per partition and decides the record's ordering key; `Work.start`
-brings it to a durable outcome. A schema registry outage is waited out inside `prepare` (it is
-not the record's fault), so records behind it simply wait, uncommitted.
-"""
+"""Decides a record's `Work`, in offset order per partition (`service.pipeline.Pipeline.prepare`)."""

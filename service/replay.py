@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from .deadletter import REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
 from .errors import BridgeError, FatalError
 from .kafka_clients import build_durable_producer, security_options, to_source_record
 from .records import SourceRecord
@@ -38,10 +39,6 @@ log = logging.getLogger(__name__)
 Headers = tuple[tuple[str, bytes], ...]
 
 EVIDENCE_PREFIXES = ("__connect.errors.", "bridge.")
-SOURCE_TOPIC_HEADER = "__connect.errors.topic"
-SOURCE_PARTITION_HEADER = "__connect.errors.partition"
-SOURCE_OFFSET_HEADER = "__connect.errors.offset"
-REASON_HEADER = "bridge.reason"
 REPLAY_COUNT_HEADER = "bridge.replay.count"
 DEFAULT_MAX_REPLAYS = 3
 
@@ -441,13 +438,15 @@ class _Replayer:
         while remaining and not self._limit_reached(0):
             batch: dict[TopicPartition, list[Any]] = await consumer.getmany(*remaining, timeout_ms=500)
             done: list[_Done] = []
+            queued_replays = 0  # of `done`, those sent for replay (their ack is pending)
             try:
                 for tp, records in batch.items():
                     for record in records:
-                        queued_replays = sum(1 for item in done if item.ack is not None)
                         if record.offset >= ends[tp] or self._limit_reached(queued_replays):
                             break
-                        done.append(await self._handle(tp, to_source_record(record), producer, catalog))
+                        item = await self._handle(tp, to_source_record(record), producer, catalog)
+                        done.append(item)
+                        queued_replays += item.ack is not None
             except ReplayError:
                 # Keep what was sent before the failure: commit it once acknowledged, so a re-run
                 # does not replay it twice.

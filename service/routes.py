@@ -96,9 +96,16 @@ class PublishRow(NamedTuple):  # built once per row: a NamedTuple is cheaper tha
     """A new inference ready for batching: rows with equal `batch_key` share one call."""
 
     batch_key: tuple[str, bytes]
-    pipeline_id: str
-    config_json: bytes
+    """(pipeline id, config JSON): what a batch shares."""
     row_json: bytes
+
+    @property
+    def pipeline_id(self) -> str:
+        return self.batch_key[0]
+
+    @property
+    def config_json(self) -> bytes:
+        return self.batch_key[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +155,7 @@ class Router:
         _, config_json, id_column = prepared
         row = dict(event.row)
         row[id_column] = event.inference_id or _as_id(row.get(id_column)) or stable_inference_id(where)
-        return PublishRow(
-            batch_key=(event.pipeline_id, config_json),
-            pipeline_id=event.pipeline_id,
-            config_json=config_json,
-            row_json=_json(row),
-        )
+        return PublishRow(batch_key=(event.pipeline_id, config_json), row_json=_json(row))
 
     def _prepare_config(self, source: JsonObject) -> tuple[bytes, str]:
         config = dict(source)

@@ -42,7 +42,7 @@ from tests.support.bridge import BridgeProcess, Topics, bridge_environment
 from tests.support.fake_apis import DownMode, Endpoint, FakeApiServer, Fault, ReceivedRequest
 from tests.support.fake_registry import FakeSchemaRegistry
 from tests.support.kafka_broker import LocalKafkaBroker, create_topics
-from tests.support.kafka_io import committed, end_offsets, produce, read_all
+from tests.support.kafka_io import all_committed, produce, read_all
 
 KINDS: Final = ("inference", "row_update", "log_update")
 INFERENCE_CONFIG: Final = {
@@ -622,11 +622,7 @@ class Harness:
 
     async def drained(self) -> bool:
         """The group has committed every record of the three topics."""
-        for topic in self.topics.all():
-            ends = await end_offsets(self.env.bootstrap, topic)
-            if await committed(self.env.bootstrap, self.group, topic) != {p: o for p, o in ends.items() if o > 0}:
-                return False
-        return True
+        return await all_committed(self.env.bootstrap, self.group, *self.topics.all())
 
     async def dead_letters(self) -> list[Letter]:
         letters = []

@@ -17,7 +17,7 @@ from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import BridgeProcess, Topics, running_bridge
 from tests.support.fake_apis import FakeApiServer, Fault, ReceivedRequest
-from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
+from tests.support.kafka_io import all_committed, committed, eventually, produce, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -32,11 +32,6 @@ def _succeeded(fake: FakeApiServer, case: Case) -> list[ReceivedRequest]:
 def _delivered(fake: FakeApiServer, case: Case) -> list[tuple[str, Any, ReceivedRequest]]:
     """(record id, that record's share of the body, the request) for every record an API accepted."""
     return [(ident, body, r) for r in _succeeded(fake, case) for ident, body in case.split(r.query, r.json)]
-
-
-async def _all_committed(bootstrap: str, group: str, topic: str) -> bool:
-    ends = await end_offsets(bootstrap, topic)
-    return await committed(bootstrap, group, topic) == {p: o for p, o in ends.items() if o > 0}
 
 
 async def _produce_case(
@@ -59,7 +54,7 @@ async def test_records_reach_their_api_exactly_as_documented(
     await _produce_case(kafka_bootstrap, topic, case, range(6))
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(bridge_env):
-        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
 
     delivered = _delivered(fake_apis, case)
     received = {ident: (body, request) for ident, body, request in delivered}
@@ -88,7 +83,7 @@ async def test_rejected_record_is_dead_lettered_with_its_evidence(
     await _produce_case(kafka_bootstrap, topic, case, range(5), rejected=frozenset({2}))
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(bridge_env):
-        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
 
     assert len(_delivered(fake_apis, case)) == 4
     letters = await read_all(kafka_bootstrap, topics.dlq(topic))
@@ -132,7 +127,7 @@ async def test_transient_failures_are_retried_and_delivered_once(
     await _produce_case(kafka_bootstrap, topic, case, range(3))
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(bridge_env):
-        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
 
     delivered = [ident for ident, _body, _request in _delivered(fake_apis, case)]
     assert len(delivered) == 3, "each record succeeds exactly once"
@@ -151,7 +146,7 @@ async def test_undecodable_bytes_are_dead_lettered_and_the_rest_flows(
     await _produce_case(kafka_bootstrap, topic, case, range(1, 4))
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(bridge_env):
-        await eventually(lambda: _all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
 
     assert len(_delivered(fake_apis, case)) == 3
     letters = await read_all(kafka_bootstrap, topics.dlq(topic))
@@ -184,7 +179,7 @@ async def test_committed_offsets_equal_what_was_done_across_all_topics(
     try:
         for case in CASES:
             topic = case.topic_of(topics)
-            await eventually(partial(_all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
+            await eventually(partial(all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
     finally:
         assert process.terminate() == 0, log.read_text()[-3000:]
     [running] = [line for line in map(json.loads, log.read_text().splitlines()) if line.get("msg") == "running"]
@@ -220,7 +215,7 @@ async def test_ids_with_reserved_characters_stay_one_path_segment_and_one_query_
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge({**bridge_env, "BRIDGE_DELIVERY__HTTP_CLIENT": http_client}):
         for topic in (topics.inferences, topics.row_updates):
-            await eventually(partial(_all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
+            await eventually(partial(all_committed, kafka_bootstrap, group, topic), what=f"{topic} committed")
 
     [publish] = fake_apis.requests("publish")
     [update] = fake_apis.requests("update_row")

@@ -14,7 +14,7 @@ from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import Topics, running_bridge
 from tests.support.fake_apis import FakeApiServer
 from tests.support.fake_registry import FakeSchemaRegistry
-from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
+from tests.support.kafka_io import all_committed, committed, eventually, produce, read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -27,11 +27,6 @@ def _evolved_log_schema() -> dict[str, Any]:
     schema = copy.deepcopy(ENCODER.raw["log_update"])
     schema["fields"].append({"name": "model", "type": "string", "default": "unknown"})
     return schema
-
-
-async def _drained(bootstrap: str, group: str, topic: str) -> bool:
-    ends = await end_offsets(bootstrap, topic)
-    return await committed(bootstrap, group, topic) == {p: o for p, o in ends.items() if o > 0}
 
 
 async def _registry_asked(registry: FakeSchemaRegistry, schema_id: int) -> bool:
@@ -51,7 +46,7 @@ async def test_framed_records_with_an_evolved_schema_are_delivered(
         env = {**bridge_env, "BRIDGE_SCHEMA_REGISTRY__URL": registry.url}
         group = env["BRIDGE_KAFKA__GROUP_ID"]
         async with running_bridge(env):
-            await eventually(partial(_drained, kafka_bootstrap, group, topic), what="drained")
+            await eventually(partial(all_committed, kafka_bootstrap, group, topic), what="drained")
         lookups = registry.request_count(schema_id)
 
     received = {r.query["reference_id"]: r.json for r in fake_apis.requests("update_log") if r.status == 200}
@@ -81,7 +76,7 @@ async def test_a_registry_outage_is_waited_out_not_dead_lettered(
             await eventually(partial(_registry_asked, registry, schema_id), what="the registry was asked twice")
             assert await committed(kafka_bootstrap, group, topic) == {}, "nothing is committed while it is down"
             registry.set_down(down=False)
-            await eventually(partial(_drained, kafka_bootstrap, group, topic), what="drained after recovery")
+            await eventually(partial(all_committed, kafka_bootstrap, group, topic), what="drained after recovery")
 
     assert len({r.query["reference_id"] for r in fake_apis.requests("update_log") if r.status == 200}) == 3
     assert await read_all(kafka_bootstrap, topics.dlq(topic)) == []

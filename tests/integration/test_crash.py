@@ -17,21 +17,13 @@ from tests.integration.cases import CASES, is_marked
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import BridgeProcess, Topics
 from tests.support.fake_apis import FakeApiServer, Fault
-from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
+from tests.support.kafka_io import all_committed, eventually, produce, read_all
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 PER_TOPIC = 300
 REJECTED = frozenset(range(7, PER_TOPIC, 37))
 GARBAGE = 5
-
-
-async def _drained(bootstrap: str, group: str, topics: Topics) -> bool:
-    for topic in topics.all():
-        ends = await end_offsets(bootstrap, topic)
-        if await committed(bootstrap, group, topic) != {p: o for p, o in ends.items() if o > 0}:
-            return False
-    return True
 
 
 async def _calls_at_least(fake: FakeApiServer, count: int) -> bool:
@@ -77,7 +69,9 @@ async def test_kill_9_mid_stream_loses_nothing(
     process.start()
     try:
         group = env["BRIDGE_KAFKA__GROUP_ID"]
-        await eventually(partial(_drained, kafka_bootstrap, group, topics), timeout_s=180, what="everything committed")
+        await eventually(
+            partial(all_committed, kafka_bootstrap, group, *topics.all()), timeout_s=180, what="everything committed"
+        )
     finally:
         assert process.terminate() == 0, log.read_text()[-3000:]
 

@@ -37,7 +37,7 @@ from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import REPO, Topics, bridge_environment, running_bridge
 from tests.support.fake_apis import FakeApiServer, Fault
 from tests.support.kafka_broker import LocalKafkaBroker, create_topics
-from tests.support.kafka_io import committed, end_offsets, eventually, read_all
+from tests.support.kafka_io import all_committed, committed, eventually, read_all
 from tests.support.tls import TlsFiles, generate_tls
 
 pytestmark = pytest.mark.kafka
@@ -191,11 +191,6 @@ async def _produce_secured(bootstrap: str, options: dict[str, Any], topic: str, 
         await producer.stop()
 
 
-async def _all_committed(bootstrap: str, group: str, topic: str) -> bool:
-    ends = await end_offsets(bootstrap, topic)
-    return await committed(bootstrap, group, topic) == {p: o for p, o in ends.items() if o > 0}
-
-
 def _emitted(record: logging.LogRecord) -> bool:
     """Whether the service's logging would write this record at all: `configure_logging` keeps aiokafka at
     WARNING or above whatever the root level. (At DEBUG, aiokafka logs every request it sends, and a SASL
@@ -247,7 +242,7 @@ async def test_bridge_delivers_and_commits_over_a_secured_listener(
         assert settings.kafka.bootstrap_servers == bootstrap  # the bridge only knows the secured listener
         for case in CASES:
             topic = case.topic_of(secured_topics)
-            done = partial(_all_committed, secured.plaintext, group, topic)
+            done = partial(all_committed, secured.plaintext, group, topic)
             await eventually(done, what=f"{topic} committed")
 
     for case in CASES:

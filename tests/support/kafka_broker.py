@@ -1,6 +1,6 @@
 """A real single-node Kafka 4.x broker (KRaft, combined broker+controller) for tests and `make demo`,
 run straight from the Maven-resolved jars because these machines have Java but no Docker engine.
-`broker_from_environment` picks, in order: `KAFKA_BOOTSTRAP_SERVERS`, testcontainers when a Docker
+`kafka_endpoint` picks, in order: `KAFKA_BOOTSTRAP_SERVERS`, testcontainers when a Docker
 engine answers, then `LocalKafkaBroker`. Everything is started by pid and stopped by pid, never by name.
 """
 
@@ -325,13 +325,6 @@ def kafka_endpoint(jars_dir: Path) -> Iterator[KafkaEndpoint]:
     else:
         with LocalKafkaBroker(jars_dir) as broker:
             yield KafkaEndpoint(broker.bootstrap_servers, broker)
-
-
-@contextlib.contextmanager
-def broker_from_environment(jars_dir: Path) -> Iterator[str]:
-    """`kafka_endpoint`, for callers that only need the bootstrap string."""
-    with kafka_endpoint(jars_dir) as endpoint:
-        yield endpoint.bootstrap_servers
 
 
 async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:

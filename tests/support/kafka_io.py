@@ -80,6 +80,15 @@ async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         await consumer.stop()
 
 
+async def all_committed(bootstrap: str, group: str, *topics: str) -> bool:
+    """Whether `group` has committed every record of `topics` (each non-empty partition to its end)."""
+    for topic in topics:
+        ends = await end_offsets(bootstrap, topic)
+        if await committed(bootstrap, group, topic) != {p: o for p, o in ends.items() if o > 0}:
+            return False
+    return True
+
+
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     ids = consumer.partitions_for_topic(topic)
     if ids is None:
