@@ -98,6 +98,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             )
             for dest in Destination
         }
+        for dest in Destination:  # exported from the start: an absent gauge would read as "no data", not closed
+            metrics.breaker_open.labels(dest.value).set(0)
         delivery = Delivery(
             http,
             d,
@@ -136,6 +138,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             max_rows=b.max_rows,
             max_bytes=b.max_bytes,
             linger_s=b.linger_ms / 1000,
+            on_batch=metrics.batch_rows.observe,
         )
         stack.push_async_callback(batcher.aclose)
         pipeline = Pipeline(

@@ -15,12 +15,13 @@ from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import Topics, running_bridge
 from tests.support.fake_apis import FakeApiServer, Fault
 from tests.support.kafka_broker import free_port
-from tests.support.kafka_io import committed, end_offsets, eventually, produce, read_all
+from tests.support.kafka_io import all_committed, committed, eventually, produce, read_all
 
 pytestmark = pytest.mark.kafka
 
 ENCODER = AvroEncoder()
 LOG_CASE = next(c for c in CASES if c.endpoint == "update_log")
+INFERENCE_CASE = next(c for c in CASES if c.endpoint == "publish")
 
 
 async def _get(port: int, path: str) -> httpx.Response:
@@ -39,18 +40,14 @@ async def _samples(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], fl
 
 
 async def _value(port: int, name: str, **labels: str) -> float:
-    return (await _samples(port)).get((name, frozenset(labels.items())), 0.0)
-
-
-async def _drained(bootstrap: str, group: str, topic: str) -> bool:
-    ends = await end_offsets(bootstrap, topic)
-    return await committed(bootstrap, group, topic) == {p: o for p, o in ends.items() if o > 0}
+    """The sample's value; a KeyError when the service does not export it (absent is not zero)."""
+    return (await _samples(port))[(name, frozenset(labels.items()))]
 
 
 async def _metric_at_least(port: int, name: str, minimum: float, labels: dict[str, str]) -> bool:
     try:
         return await _value(port, name, **labels) >= minimum
-    except httpx.ConnectError:  # the service is still starting
+    except (httpx.ConnectError, KeyError):  # the service is still starting, or has not counted it yet
         return False
 
 
@@ -63,9 +60,13 @@ async def test_metrics_and_probes_report_what_happened(
     fake_apis.reject_when("update_log", is_marked, Fault(status=422))
     values = [ENCODER.plain("log_update", LOG_CASE.datum(i, i == 3)) for i in range(6)] + [b"\x01garbage"]
     await produce(kafka_bootstrap, topic, values)
+    inferences = INFERENCE_CASE.topic_of(topics)
+    await produce(
+        kafka_bootstrap, inferences, [ENCODER.plain("inference", INFERENCE_CASE.datum(i, False)) for i in range(3)]
+    )
     group = env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(env):
-        await eventually(partial(_drained, kafka_bootstrap, group, topic), what="drained")
+        await eventually(partial(all_committed, kafka_bootstrap, group, topic, inferences), what="drained")
         await eventually(partial(_metric_at_least, port, "bridge_records_consumed_total", 7, {"topic": topic}))
         assert (await _get(port, "/livez")).status_code == 200
         assert (await _get(port, "/readyz")).status_code == 200
@@ -83,6 +84,7 @@ async def test_metrics_and_probes_report_what_happened(
         assert await _value(port, "bridge_api_last_success_timestamp_seconds", destination="humanloop") > 0
         assert await _value(port, "process_resident_memory_bytes") > 0
         assert await _value(port, "python_gc_collections_total", generation="0") >= 0
+        assert await _value(port, "bridge_publish_batch_rows_sum") == 3
         assert (await _get(port, "/nope")).status_code == 404
 
 
@@ -105,7 +107,7 @@ async def test_an_outage_opens_the_breaker_and_dead_letters_nothing(
         assert await committed(kafka_bootstrap, group, topic) == {}, "nothing is committed during the outage"
         assert await _value(port, "bridge_breaker_open", destination="openlayer") == 0, "the other API is unaffected"
         fake_apis.set_down("update_log", down=False)
-        await eventually(partial(_drained, kafka_bootstrap, group, topic), what="drained after recovery")
+        await eventually(partial(all_committed, kafka_bootstrap, group, topic), what="drained after recovery")
         assert await _value(port, "bridge_breaker_open", destination="humanloop") == 0
 
     delivered = {r.query["reference_id"] for r in fake_apis.requests("update_log") if r.status == 200}
@@ -132,7 +134,7 @@ async def test_api_keys_never_reach_logs_dead_letters_or_metrics(
     caplog.set_level(logging.DEBUG)
     async with running_bridge(env):
         for topic in topics.all():
-            await eventually(partial(_drained, kafka_bootstrap, group, topic), what=f"{topic} drained")
+            await eventually(partial(all_committed, kafka_bootstrap, group, topic), what=f"{topic} drained")
         metrics_text = (await _get(port, "/metrics")).text
 
     letters = [letter for t in topics.all() for letter in await read_all(kafka_bootstrap, topics.dlq(t))]
