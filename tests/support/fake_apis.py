@@ -2,7 +2,8 @@
 the bridge calls (Openlayer *Publish records* and *Update record*, Humanloop v4 *Update By Reference*) as
 their contracts in `shared/seeds` describe them, records every request it receives, and misbehaves on demand:
 scripted error statuses with Retry-After, random faults, permanent rejection of marked records, slow answers,
-connection resets and whole outages. Tests flip those switches on the object from their own thread; chaos
+connection resets, whole outages, a token-bucket rate limit per API, update ids that are "not found yet" for a
+while, and API keys that change at runtime. Tests flip those switches on the object from their own thread; chaos
 scripts and `make demo` flip them from another process through a small JSON control API under `/_control`.
 The server runs its own event loop in a daemon thread, so synchronous tests and the service's asyncio loop
 never share a loop with it. `python -m tests.support.fake_apis` (from the repository root; or
@@ -13,7 +14,7 @@ URL layout (one port):
     PUT   /openlayer/v1/inference-pipelines/{id}/rows?inferenceId endpoint "update_row"
     PATCH /humanloop/v4/logs?reference_id=...                    endpoint "update_log"
     GET   /_control/health | /_control/requests?endpoint= | /_control/counts
-    POST  /_control/faults (one action object or a list) | /_control/reset
+    POST  /_control/faults (one action object or a list, see `FakeApiControl`) | /_control/reset
 
 Validation follows the documents and is deliberately strict where they leave room, so a client bug shows up
 as an error rather than passing silently: Openlayer answers 400 for a request that cannot be read (no JSON,
@@ -22,9 +23,12 @@ answers FastAPI's 422 `{"detail": [{"loc", "msg", "type", "input"}]}` and, unlik
 refuses unknown body keys, nulls and numeric strings. The Openlayer `config` is only checked to be an object,
 because its published `oneOf` rejects valid configs (api-spec.md §7, §8).
 
-Per request, the first of these that applies decides the answer: an outage (`set_down`), the next scripted
-fault (`script`), a random fault (`set_random_faults`), the authentication and validation checks, a rejection
-rule (`reject_when`), and otherwise success. `set_latency` delays every call before all of that.
+Per request, the first of these that applies decides the answer: an outage (`set_down`), the rate limit
+(`set_rate_limit`: 429 with `Retry-After: 1` when the API's token bucket is empty), the next scripted fault
+(`script`), a random fault (`set_random_faults`), the authentication (`set_keys`) and validation checks, the
+not-yet rule (`set_not_yet`: 404 for a chosen share of update ids until some seconds after the fake first saw
+them), a rejection rule (`reject_when`), and otherwise success. `set_latency` delays every call before all of
+that; it is read when a call arrives, so a change takes effect for the next call.
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ from aiohttp import web
 
 Endpoint = Literal["publish", "update_row", "update_log"]
 ENDPOINTS: Final[tuple[Endpoint, ...]] = ("publish", "update_row", "update_log")
+Api = Literal["openlayer", "humanloop"]
+APIS: Final[tuple[Api, ...]] = ("openlayer", "humanloop")
+API_OF: Final[Mapping[Endpoint, Api]] = {"publish": "openlayer", "update_row": "openlayer", "update_log": "humanloop"}
+"""Which API serves an endpoint; a rate limit and the keys belong to an API, not to one endpoint."""
+RATE_LIMITED: Final = "ratelimit"
+"""The `fault` label prefix of a call the token bucket refused ("ratelimit:429")."""
+NOT_YET: Final = "notyet"
+"""The `fault` label prefix of an update answered 404 because its id is not there yet ("notyet:404")."""
 
 OPENLAYER_PREFIX: Final = "/openlayer/v1"
 HUMANLOOP_PREFIX: Final = "/humanloop/v4"
@@ -211,6 +223,62 @@ class _RandomFaults:
 class _Rule:
     predicate: Callable[[Any], bool]
     fault: Fault
+
+
+class _TokenBucket:
+    """`rate` tokens a second, holding at most `capacity`; a call takes one or is refused. Starts full."""
+
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = time.monotonic()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+@dataclass(slots=True)
+class _NotYet:
+    share: float
+    seconds: float
+    seed: int
+    first_seen: dict[str, float] = field(default_factory=dict)
+    """Chosen id -> time.monotonic() of the first valid call that named it."""
+
+
+RATE_LIMIT_FAULT: Final = Fault(status=429, headers={"Retry-After": "1"})
+"""What a call gets when its API's bucket is empty: whole seconds in Retry-After, as the real APIs send."""
+
+
+def not_yet_chosen(identifier: str, share: float, seed: int) -> bool:
+    """Whether `set_not_yet(share, ..., seed)` makes updates of `identifier` (an Update-record `inferenceId` or
+    a log's `reference_id`) answer 404 at first. A hash of seed and id, so a scenario can tell in advance."""
+    if share <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"{seed}:{identifier}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < share
+
+
+def update_id(endpoint: Endpoint, query: Mapping[str, str]) -> str | None:
+    """The id an update call addresses (None for a publish): the row's `inferenceId` or the log's
+    `reference_id`."""
+    if endpoint == "update_row":
+        return query.get("inferenceId")
+    if endpoint == "update_log":
+        return query.get("reference_id")
+    return None
+
+
+def _key_set(keys: str | Iterable[str]) -> frozenset[str]:
+    return frozenset((keys,)) if isinstance(keys, str) else frozenset(keys)
 
 
 def is_endpoint(value: object) -> TypeGuard[Endpoint]:
@@ -427,8 +495,8 @@ class FakeApiServer(ThreadedServer):
     ) -> None:
         """`pipelines` is an allow-list of pipeline ids (others get 404); None accepts any id. `record=False`
         keeps only the counts, for benchmarks that send more requests than are worth holding in memory."""
-        self._openlayer_auth = f"Bearer {openlayer_key}"
-        self._humanloop_key = humanloop_key
+        self._initial_keys = (frozenset((openlayer_key,)), frozenset((humanloop_key,)))
+        self._openlayer_keys, self._humanloop_keys = self._initial_keys
         self._pipelines = frozenset(pipelines) if pipelines is not None else None
         self._record = record
         self._host = host
@@ -443,6 +511,8 @@ class FakeApiServer(ThreadedServer):
         self._rules: dict[Endpoint, list[_Rule]] = {e: [] for e in ENDPOINTS}
         self._down: dict[Endpoint, tuple[Fault, DownMode]] = {}
         self._latency_s = 0.0
+        self._buckets: dict[Api, _TokenBucket] = {}
+        self._not_yet: _NotYet | None = None
 
     @property
     def base_url(self) -> str:
@@ -583,8 +653,50 @@ class FakeApiServer(ThreadedServer):
         with self._lock:
             self._latency_s = seconds
 
+    def set_rate_limit(self, api: Api | None, rate: float | None, capacity: float | None = None) -> None:
+        """A token bucket for `api` (None: each API its own): `rate` calls a second, bursts up to `capacity`
+        (default `rate`, one second's worth). Openlayer's two endpoints share one bucket. A call that finds it
+        empty is answered 429 with `Retry-After: 1` in the vendor's error shape, recorded as "ratelimit:429".
+        `rate` None or 0 removes the limit. The bucket starts full."""
+        if rate is not None and rate < 0:
+            raise ValueError("rate must not be negative")
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        with self._lock:
+            for target in APIS if api is None else (api,):
+                if target not in APIS:
+                    raise ValueError(f"unknown api {target!r}; expected one of {APIS}")
+                if not rate:
+                    self._buckets.pop(target, None)
+                else:
+                    self._buckets[target] = _TokenBucket(rate, capacity if capacity is not None else rate)
+
+    def set_not_yet(self, share: float, seconds: float, seed: int = 0) -> None:
+        """Answer 404 ("not found", in the vendor's shape; recorded as "notyet:404") to updates of a share of
+        ids, chosen by `not_yet_chosen(id, share, seed)`, until `seconds` after the first valid call that named
+        the id; then judge them normally. Ids are row updates' `inferenceId` and log updates' `reference_id`.
+        `share` 0 turns it off. Each call starts a fresh clock for every id."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError("share must be within [0, 1]")
+        if seconds < 0:
+            raise ValueError("seconds must not be negative")
+        with self._lock:
+            self._not_yet = _NotYet(share, seconds, int(seed)) if share > 0 else None
+
+    def set_keys(
+        self, openlayer: str | Iterable[str] | None = None, humanloop: str | Iterable[str] | None = None
+    ) -> None:
+        """Change the accepted API key(s) of an API at once (None leaves that API's as they are). A key or an
+        iterable of keys; an empty iterable refuses every key, so every call of that API answers 401."""
+        with self._lock:
+            if openlayer is not None:
+                self._openlayer_keys = _key_set(openlayer)
+            if humanloop is not None:
+                self._humanloop_keys = _key_set(humanloop)
+
     def clear_faults(self, endpoint: Endpoint | None = None) -> None:
-        """Drop scripts, random faults, rules and outages (and, for all endpoints, the latency)."""
+        """Drop scripts, random faults, rules and outages (and, for all endpoints, the latency, the rate limits
+        and the not-yet rule)."""
         with self._lock:
             for target in _endpoints(endpoint):
                 self._scripts[target].clear()
@@ -593,11 +705,15 @@ class FakeApiServer(ThreadedServer):
                 self._down.pop(target, None)
             if endpoint is None:
                 self._latency_s = 0.0
+                self._buckets.clear()
+                self._not_yet = None
 
     def reset(self) -> None:
-        """Back to a fresh server: no faults, no recordings."""
+        """Back to a fresh server: no faults, no recordings, the keys it was made with."""
         self.clear_faults()
         self.clear()
+        with self._lock:
+            self._openlayer_keys, self._humanloop_keys = self._initial_keys
 
     # -- HTTP ------------------------------------------------------------------------------------------
 
@@ -639,8 +755,11 @@ class FakeApiServer(ThreadedServer):
             # No fault, or a slow success: judge the request on its merits.
             response = self._judge(request, endpoint, body, payload)
             if response is None:
-                rule = self._match_rule(endpoint, payload)
-                if rule is not None:
+                not_yet = self._not_yet_fault(endpoint, request)
+                rule = self._match_rule(endpoint, payload) if not_yet is None else None
+                if not_yet is not None:
+                    chosen = (not_yet, NOT_YET)
+                elif rule is not None:
                     chosen = (rule, "rule")
                 else:
                     response = self._succeed(request, endpoint, payload)
@@ -670,6 +789,9 @@ class FakeApiServer(ThreadedServer):
             outage = self._down.get(endpoint)
             if outage is not None:
                 return outage[0], "down"
+            bucket = self._buckets.get(API_OF[endpoint])
+            if bucket is not None and not bucket.take(time.monotonic()):
+                return RATE_LIMIT_FAULT, RATE_LIMITED
             script = self._scripts[endpoint]
             if script:
                 return script.popleft(), "script"
@@ -677,6 +799,22 @@ class FakeApiServer(ThreadedServer):
             if chaos is not None and chaos.rng.random() < chaos.rate:
                 return chaos.rng.choice(chaos.choices), "random"
         return None
+
+    def _not_yet_fault(self, endpoint: Endpoint, request: web.Request) -> Fault | None:
+        identifier = update_id(endpoint, request.query)
+        with self._lock:
+            rule = self._not_yet
+            if rule is None or not identifier or not not_yet_chosen(identifier, rule.share, rule.seed):
+                return None
+            now = time.monotonic()
+            first = rule.first_seen.setdefault(identifier, now)
+        if now - first >= rule.seconds:
+            return None
+        if endpoint == "update_row":
+            body: Any = {"code": 404, "error": f"Row with inferenceId {identifier} not found"}
+        else:
+            body = {"detail": f"Log with reference_id {identifier} not found"}
+        return Fault(status=404, body=body)
 
     def _match_rule(self, endpoint: Endpoint, payload: Any) -> Fault | None:
         with self._lock:
@@ -726,7 +864,10 @@ class FakeApiServer(ThreadedServer):
         auth = request.headers.get("Authorization")
         if auth is None:
             return _openlayer_error(401, "Missing API key: send Authorization: Bearer <key>")
-        if auth != self._openlayer_auth:
+        scheme, _, key = auth.partition(" ")
+        with self._lock:
+            accepted = self._openlayer_keys
+        if scheme != "Bearer" or key not in accepted:
             return _openlayer_error(401, "Invalid API key")
         pipeline_id = request.match_info["pipeline_id"]
         if self._pipelines is not None and pipeline_id not in self._pipelines:
@@ -741,7 +882,9 @@ class FakeApiServer(ThreadedServer):
         return _openlayer_error(422, problem) if problem else None
 
     def _judge_log(self, request: web.Request, body: bytes, payload: Any) -> web.Response | None:
-        if request.headers.get("X-API-KEY") != self._humanloop_key:
+        with self._lock:
+            accepted = self._humanloop_keys
+        if request.headers.get("X-API-KEY") not in accepted:
             return _json_response(401, {"detail": "Invalid or missing API key"})
         errors: list[dict[str, Any]] = []
         reference_id = request.query.get("reference_id")
@@ -850,6 +993,24 @@ class FakeApiServer(ThreadedServer):
             self.set_down(endpoint, bool(action.get("down", True)), mode=mode, hold_s=hold_s)
         elif kind == "latency":
             self.set_latency(float(action["seconds"]))
+        elif kind == "rate_limit":
+            api = action.get("api")
+            if api is not None and api not in APIS:
+                raise ValueError(f"unknown api {api!r}")
+            rate, capacity = action.get("rate"), action.get("capacity")
+            self.set_rate_limit(
+                api, None if rate is None else float(rate), None if capacity is None else float(capacity)
+            )
+        elif kind == "not_yet":
+            self.set_not_yet(float(action["share"]), float(action["seconds"]), int(action.get("seed", 0)))
+        elif kind == "keys":
+            keys = {name: action.get(name) for name in APIS}
+            for name, value in keys.items():
+                if value is not None and not (
+                    isinstance(value, str) or (isinstance(value, list) and all(isinstance(k, str) for k in value))
+                ):
+                    raise ValueError(f"{name} keys must be a string or a list of strings")
+            self.set_keys(openlayer=keys["openlayer"], humanloop=keys["humanloop"])
         elif kind == "clear":
             self.clear_faults(endpoint)
         else:
@@ -917,6 +1078,10 @@ class FakeApiControl:
         {"action": "reject_key", "endpoint": E|null, "key": "marker", "fault": F}   (fault optional: 422)
         {"action": "down", "endpoint": E|null, "down": true, "mode": "status"|"reset"|"hang", "hold_s": 1}
         {"action": "latency", "seconds": 0.05}
+        {"action": "rate_limit", "api": "openlayer"|"humanloop"|null, "rate": 300, "capacity": 300}
+            (rate 0 or null removes the limit; capacity optional, default the rate)
+        {"action": "not_yet", "share": 0.3, "seconds": 20, "seed": 7}   (share 0 turns it off)
+        {"action": "keys", "openlayer": "key" | ["k1", "k2"], "humanloop": ...}   (either optional; [] refuses all)
         {"action": "clear", "endpoint": E|null}
     where F is `Fault.to_json()`'s form, e.g. {"status": 503, "headers": {"Retry-After": "1"}}.
     """

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +23,9 @@ from tests.support.fake_apis import (
     FakeApiControl,
     FakeApiServer,
     Fault,
+    _TokenBucket,
     contains_key,
+    not_yet_chosen,
 )
 from tests.support.fake_registry import CONTENT_TYPE, FakeSchemaRegistry
 
@@ -447,6 +451,166 @@ def test_rejects_unknown_endpoint_names(fake: FakeApiServer) -> None:
         fake.set_down("nope", True)  # type: ignore[arg-type]
 
 
+def test_latency_changes_mid_run_for_the_next_call(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_latency(0.6)
+    slow: list[float] = []
+
+    def slow_call() -> None:
+        started = time.monotonic()
+        publish(client, fake)
+        slow.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    fake.wait_for_requests(0, timeout=1.0)
+    time.sleep(0.1)  # the slow call has arrived and is waiting out its latency
+    fake.set_latency(0.0)
+    started = time.monotonic()
+    assert publish(client, fake).status_code == 200
+    fast = time.monotonic() - started
+    thread.join(5.0)
+
+    assert fast < 0.4
+    assert slow[0] >= 0.6
+
+
+# -- rate limit ----------------------------------------------------------------------------------------
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
+    bucket = _TokenBucket(rate=10.0, capacity=10.0)
+    now = bucket.updated
+
+    assert [bucket.take(now) for _ in range(11)] == [True] * 10 + [False]
+    assert bucket.take(now + 0.05) is False  # half a token
+    assert bucket.take(now + 0.1) is True
+    assert bucket.take(now + 0.1) is False
+    assert [bucket.take(now + 60.0) for _ in range(11)] == [True] * 10 + [False]  # never more than capacity
+
+
+def test_rate_limit_answers_429_with_retry_after_when_the_bucket_is_empty(
+    fake: FakeApiServer, client: httpx.Client
+) -> None:
+    fake.set_rate_limit("openlayer", rate=0.5, capacity=3)
+
+    answers = [publish(client, fake), update_row(client, fake, {"row": {"a": 1}}), publish(client, fake)]
+    refused = publish(client, fake)
+    refused_update = update_row(client, fake, {"row": {"a": 1}})
+
+    assert [a.status_code for a in answers] == [200, 200, 200]  # one bucket for both Openlayer endpoints
+    assert_openlayer_error(refused, 429)
+    assert refused.headers["Retry-After"] == "1"
+    assert refused_update.status_code == 429
+    assert update_log(client, fake, {}).status_code == 200  # Humanloop has no limit here
+    assert [r.fault for r in fake.requests()] == [None, None, None, "ratelimit:429", "ratelimit:429", None]
+
+
+def test_rate_limit_per_api_refills_and_can_be_removed(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_rate_limit(None, rate=10.0)
+    assert [update_log(client, fake, {}).status_code for _ in range(10)] == [200] * 10
+    refused = update_log(client, fake, {})
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "1"
+    assert isinstance(refused.json()["detail"], str)  # Humanloop's error shape
+    assert publish(client, fake).status_code == 200  # Openlayer's bucket is its own
+
+    time.sleep(0.25)  # two tokens, give or take the calls' own time
+    refill = [update_log(client, fake, {}).status_code for _ in range(6)]
+    assert refill.count(200) in (2, 3, 4)
+    assert refill[-1] == 429
+
+    fake.set_rate_limit("humanloop", rate=None)
+    assert [update_log(client, fake, {}).status_code for _ in range(20)] == [200] * 20
+
+
+def test_rate_limit_comes_after_an_outage_and_before_authentication(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_rate_limit("humanloop", rate=0.01, capacity=1)
+    fake.set_down("update_log")
+    assert update_log(client, fake, {}).status_code == 503  # an outage takes no token
+    fake.set_down("update_log", False)
+    url = f"{fake.humanloop_base_url}/logs"
+    assert client.patch(url, params={"reference_id": "r"}, json={}).status_code == 401  # takes the one token
+    assert client.patch(url, params={"reference_id": "r"}, json={}).status_code == 429
+
+
+# -- not yet -------------------------------------------------------------------------------------------
+
+
+def test_not_yet_ids_answer_404_until_their_time_is_up(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_not_yet(share=1.0, seconds=0.4, seed=1)
+
+    row = update_row(client, fake, {"row": {"a": 1}})
+    log = update_log(client, fake, {"output": "x"})
+    assert publish(client, fake).status_code == 200  # a publish addresses no existing id
+
+    assert_openlayer_error(row, 404)
+    assert "i-1" in row.json()["error"]
+    assert log.status_code == 404
+    assert "conv-1" in log.json()["detail"]
+    time.sleep(0.2)
+    other = update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"})
+    assert other.status_code == 404
+    time.sleep(0.25)
+    assert update_row(client, fake, {"row": {"a": 1}}).status_code == 200  # 0.45 s after i-1 was first seen
+    assert update_log(client, fake, {"output": "x"}).status_code == 200
+    assert update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"}).status_code == 404
+    assert [r.fault for r in fake.requests()][:4] == ["notyet:404", "notyet:404", None, "notyet:404"]
+
+
+def test_not_yet_picks_a_share_of_ids_by_seed(fake: FakeApiServer, client: httpx.Client) -> None:
+    ids = [f"ref-{i}" for i in range(400)]
+    chosen = {i for i in ids if not_yet_chosen(i, 0.3, 7)}
+    assert 0.2 < len(chosen) / len(ids) < 0.4
+    assert chosen == {i for i in ids if not_yet_chosen(i, 0.3, 7)}
+    assert chosen != {i for i in ids if not_yet_chosen(i, 0.3, 8)}
+    assert not any(not_yet_chosen(i, 0.0, 7) for i in ids)
+
+    fake.set_not_yet(share=0.3, seconds=60, seed=7)
+    statuses = {i: update_log(client, fake, {}, params={"reference_id": i}).status_code for i in ids[:40]}
+    assert {i for i, status in statuses.items() if status == 404} == chosen & set(ids[:40])
+    assert set(statuses.values()) == {200, 404}
+
+    fake.set_not_yet(share=0.0, seconds=60)
+    assert all(update_log(client, fake, {}, params={"reference_id": i}).status_code == 200 for i in ids[:40])
+
+
+def test_not_yet_comes_after_authentication_and_validation(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_not_yet(share=1.0, seconds=60)
+    url = f"{fake.humanloop_base_url}/logs"
+
+    assert client.patch(url, params={"reference_id": "r"}, json={}).status_code == 401
+    assert update_log(client, fake, {"bad": 1}).status_code == 422
+    assert update_log(client, fake, {}).status_code == 404
+
+
+# -- keys ----------------------------------------------------------------------------------------------
+
+
+def test_keys_change_at_runtime(fake: FakeApiServer, client: httpx.Client) -> None:
+    url = f"{fake.openlayer_base_url}/inference-pipelines/{PIPELINE}/data-stream"
+    body = {"rows": [], "config": CONFIG}
+
+    fake.set_keys(openlayer=[], humanloop=[])  # a revoked key: nothing is accepted
+    assert_openlayer_error(publish(client, fake), 401)
+    assert update_log(client, fake, {}).status_code == 401
+
+    fake.set_keys(openlayer="ol-new")
+    assert_openlayer_error(publish(client, fake), 401)  # the old key stays refused
+    assert client.post(url, json=body, headers={"Authorization": "Bearer ol-new"}).status_code == 200
+    assert client.post(url, json=body, headers={"Authorization": "ol-new"}).status_code == 401
+    assert update_log(client, fake, {}).status_code == 401  # Humanloop's keys were left as they were
+
+    fake.set_keys(openlayer=[OL_KEY, "ol-new"], humanloop=HL_KEY)  # both, as during a rotation
+    assert publish(client, fake).status_code == 200
+    assert client.post(url, json=body, headers={"Authorization": "Bearer ol-new"}).status_code == 200
+    assert update_log(client, fake, {}).status_code == 200
+
+    fake.set_keys(openlayer="x", humanloop="y")
+    fake.reset()
+    assert publish(client, fake).status_code == 200
+    assert update_log(client, fake, {}).status_code == 200
+
+
 # -- control API ---------------------------------------------------------------------------------------
 
 
@@ -483,10 +647,43 @@ def test_control_api_random_latency_and_clear(fake: FakeApiServer, client: httpx
         assert update_row(client, fake, {"row": {"a": 1}}).status_code == 200
 
 
+def test_control_api_rate_limit_not_yet_and_keys(fake: FakeApiServer, client: httpx.Client) -> None:
+    with FakeApiControl(fake.base_url) as control:
+        control.apply(
+            {"action": "rate_limit", "api": "openlayer", "rate": 0.01, "capacity": 1},
+            {"action": "not_yet", "share": 1.0, "seconds": 60, "seed": 3},
+            {"action": "keys", "humanloop": ["hl-a", "hl-b"]},
+        )
+        assert publish(client, fake).status_code == 200
+        assert publish(client, fake).status_code == 429
+        assert update_log(client, fake, {}).status_code == 401
+        headers = {"X-API-KEY": "hl-b"}
+        url = f"{fake.humanloop_base_url}/logs"
+        assert client.patch(url, params={"reference_id": "r"}, json={}, headers=headers).status_code == 404
+
+        control.apply({"action": "rate_limit", "api": None, "rate": 0}, {"action": "not_yet", "share": 0, "seconds": 0})
+        assert publish(client, fake).status_code == 200
+        assert client.patch(url, params={"reference_id": "r"}, json={}, headers=headers).status_code == 200
+        assert [r["fault"] for r in control.requests()][1] == "ratelimit:429"
+
+        control.apply(
+            {"action": "rate_limit", "rate": 0.01, "capacity": 1}, {"action": "not_yet", "share": 1, "seconds": 60}
+        )
+        control.apply({"action": "clear"})  # clears the rate limits and the not-yet rule too
+        assert [publish(client, fake).status_code for _ in range(3)] == [200] * 3
+        assert update_row(client, fake, {"row": {"a": 1}}).status_code == 200
+
+
 @pytest.mark.parametrize(
     "action",
     [
         pytest.param({"action": "explode"}, id="unknown-action"),
+        pytest.param({"action": "rate_limit", "api": "nope", "rate": 1}, id="unknown-api"),
+        pytest.param({"action": "rate_limit", "api": None, "rate": -1}, id="negative-rate"),
+        pytest.param({"action": "not_yet", "share": 1.5, "seconds": 1}, id="bad-share"),
+        pytest.param({"action": "not_yet", "share": 0.5}, id="no-seconds"),
+        pytest.param({"action": "keys", "openlayer": 7}, id="key-not-string"),
+        pytest.param({"action": "keys", "humanloop": ["a", 1]}, id="keys-not-strings"),
         pytest.param({"action": "script", "endpoint": "nope", "faults": []}, id="unknown-endpoint"),
         pytest.param({"action": "script", "endpoint": "publish", "faults": [{"stat": 1}]}, id="bad-fault"),
         pytest.param({"action": "random", "endpoint": None, "rate": 2}, id="bad-rate"),
