@@ -2,8 +2,11 @@
 
 This is the only module that reads the environment. Sections nest with a double underscore
 (`BRIDGE_KAFKA__BOOTSTRAP_SERVERS`); API keys and Kafka passwords are `SecretStr` so they never
-print. `load_settings` turns pydantic's errors into one message that names every bad setting by its
-environment variable, so an operator fixes them all in one go instead of one per restart.
+print. Each secret may instead come from a file (`BRIDGE_OPENLAYER__API_KEY_FILE`), read here at
+start-up, so a Kubernetes Secret can be mounted as files; the path is kept for re-reading (see
+service/credentials.py). `load_settings` turns pydantic's errors into one message that names every
+bad setting by its environment variable, so an operator fixes them all in one go instead of one per
+restart.
 """
 
 from __future__ import annotations
@@ -12,20 +15,87 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
+
+from .credentials import SecretFileError, read_secret_file
 
 ENV_PREFIX = "BRIDGE_"
 ENV_DELIMITER = "__"
 
 
+_BOTH_SET = "secret_value_and_file"
+
+
 class _Section(BaseModel):
     # A typo in a nested variable (BRIDGE_KAFKA__BOOTSRAP_SERVERS) must fail loudly, not be ignored.
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Secret fields that may come from a file instead: the sibling `<name>_file` holds the path,
+    # and the file is read here so `<name>` holds the secret either way and its readers need not care.
+    _file_backed: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_secret_files(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        if not cls._file_backed or not isinstance(data, dict):
+            return handler(data)
+        data = dict(data)
+        problems: list[InitErrorDetails] = []
+        unreadable: set[str] = set()
+        for name in cls._file_backed:
+            file_field = f"{name}_file"
+            path = data.get(file_field)
+            if path is None or path == "":
+                data[file_field] = None  # an empty variable (a template's blank) means unset
+                continue
+            if data.get(name) is not None:
+                problems.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(_BOTH_SET, "set only one of the value and the file", {"value": name}),
+                        loc=(file_field,),
+                        input=str(path),
+                    )
+                )
+                continue
+            try:
+                data[name] = read_secret_file(Path(path))
+            except SecretFileError as exc:
+                unreadable.add(name)
+                problems.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError("secret_file", "{problem}", {"problem": str(exc)}),
+                        loc=(file_field,),
+                        input=str(path),
+                    )
+                )
+        if not problems:
+            return handler(data)
+        # Report the file problems together with every other problem of the section (one message
+        # for all, see load_settings), minus the "missing" that an unreadable file would cause.
+        try:
+            handler(data)
+        except ValidationError as exc:
+            problems.extend(
+                error  # type: ignore[misc]
+                for error in exc.errors()
+                if not (error["type"] == "missing" and len(error["loc"]) == 1 and error["loc"][0] in unreadable)
+            )
+        raise ValidationError.from_exception_data(cls.__name__, problems)
 
 
 def _http_url(value: str) -> str:
@@ -52,6 +122,9 @@ class KafkaSettings(_Section):
     )
     sasl_username: str | None = Field(default=None, description="required with SASL_*")
     sasl_password: SecretStr | None = Field(default=None, description="secret; required with SASL_*")
+    sasl_password_file: Path | None = Field(
+        default=None, description="file holding sasl_password (read at start-up); instead of SASL_PASSWORD"
+    )
     ssl_cafile: str | None = Field(default=None, description="PEM CA bundle for a private CA (else the system CAs)")
     ssl_certfile: str | None = Field(default=None, description="PEM client certificate, for mutual TLS")
     ssl_keyfile: str | None = Field(default=None, description="PEM client key, for mutual TLS")
@@ -64,6 +137,8 @@ class KafkaSettings(_Section):
     fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes per fetch response")
     max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=1024, description="bytes per partition per fetch")
     commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are committed")
+
+    _file_backed = ("sasl_password",)
 
     @model_validator(mode="after")
     def _tls_consistent(self) -> KafkaSettings:
@@ -110,7 +185,10 @@ class TopicSettings(_Section):
 
 class OpenlayerSettings(_Section):
     base_url: str = Field(default="https://api.openlayer.com/v1", description="Openlayer API root")
-    api_key: SecretStr = Field(description="secret; sent as Authorization: Bearer")
+    api_key: SecretStr = Field(description="secret; sent as Authorization: Bearer; or from API_KEY_FILE")
+    api_key_file: Path | None = Field(
+        default=None, description="file holding the key, instead of API_KEY; re-read when the API answers 401/403"
+    )
     pipeline_configs: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="pipeline id -> Publish-records config (camelCase JSON), used when a record has none",
@@ -124,6 +202,7 @@ class OpenlayerSettings(_Section):
         description="column that carries the inference id when the config names none",
     )
 
+    _file_backed = ("api_key",)
     _check_url = field_validator("base_url")(_http_url)
 
     @field_validator("api_key")
@@ -136,8 +215,12 @@ class OpenlayerSettings(_Section):
 
 class HumanloopSettings(_Section):
     base_url: str = Field(default="https://api.humanloop.com/v4", description="Humanloop v4 API root")
-    api_key: SecretStr = Field(description="secret; sent as X-API-KEY")
+    api_key: SecretStr = Field(description="secret; sent as X-API-KEY; or from API_KEY_FILE")
+    api_key_file: Path | None = Field(
+        default=None, description="file holding the key, instead of API_KEY; re-read when the API answers 401/403"
+    )
 
+    _file_backed = ("api_key",)
     _check_url = field_validator("base_url")(_http_url)
     _key_present = field_validator("api_key")(OpenlayerSettings._key_present.__func__)  # type: ignore[attr-defined]
 
@@ -146,10 +229,15 @@ class SchemaRegistrySettings(_Section):
     url: str | None = Field(default=None, description="Confluent-compatible registry root, for framed records")
     username: str | None = Field(default=None, description="registry basic-auth user")
     password: SecretStr | None = Field(default=None, description="secret; registry basic-auth password")
+    password_file: Path | None = Field(
+        default=None, description="file holding the password (read at start-up); instead of PASSWORD"
+    )
     wire_format: Literal["auto", "plain", "confluent"] = Field(
         default="auto",
         description="auto: Confluent framing (magic byte 0) when a registry is configured, else plain Avro",
     )
+
+    _file_backed = ("password",)
 
     @field_validator("url")
     @classmethod
@@ -276,6 +364,18 @@ def _unknown_sections(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
+def _describe(loc: tuple[int | str, ...], kind: str, message: str, ctx: dict[str, Any] | None) -> str:
+    name = _env_name(loc)
+    if kind == _BOTH_SET and ctx is not None:
+        return f"{_env_name((*loc[:-1], ctx['value']))} and {name} are both set; set only one of them"
+    if kind == "missing":
+        section = Settings.model_fields[str(loc[0])].annotation if len(loc) == 2 else None
+        if isinstance(section, type) and issubclass(section, BaseModel) and f"{loc[1]}_file" in section.model_fields:
+            return f"{name}: is required but not set (set it, or {name}_FILE to a file holding it)"
+        return f"{name}: is required but not set"
+    return f"{name}: {message}"
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the settings; `environ` replaces the process environment (tests, check-config)."""
     source = os.environ if environ is None else environ
@@ -290,8 +390,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lines.append(f"  {name}: {exc.__cause__ or exc}")
     except ValidationError as exc:
         for err in exc.errors():
-            problem = "is required but not set" if err["type"] == "missing" else err["msg"]
-            lines.append(f"  {_env_name(tuple(err['loc']))}: {problem}")
+            lines.append(f"  {_describe(tuple(err['loc']), err['type'], err['msg'], err.get('ctx'))}")
     if lines or settings is None:
         raise SettingsError(f"{len(lines)} setting(s) invalid:\n" + "\n".join(lines))
     return settings

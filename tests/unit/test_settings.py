@@ -461,3 +461,173 @@ def test_mutual_tls_settings_are_accepted() -> None:
         )
     )
     assert (settings.kafka.ssl_certfile, settings.kafka.ssl_keyfile) == ("/c.pem", "/k.pem")
+
+
+# --- secrets from files (a Kubernetes Secret mounted as a volume) --------------------------------------------
+
+FILE_BACKED = [
+    pytest.param("BRIDGE_OPENLAYER__API_KEY", lambda s: (s.openlayer.api_key, s.openlayer.api_key_file), id="ol"),
+    pytest.param("BRIDGE_HUMANLOOP__API_KEY", lambda s: (s.humanloop.api_key, s.humanloop.api_key_file), id="hl"),
+    pytest.param(
+        "BRIDGE_KAFKA__SASL_PASSWORD", lambda s: (s.kafka.sasl_password, s.kafka.sasl_password_file), id="sasl"
+    ),
+    pytest.param(
+        "BRIDGE_SCHEMA_REGISTRY__PASSWORD",
+        lambda s: (s.schema_registry.password, s.schema_registry.password_file),
+        id="registry",
+    ),
+]
+SecretAndFile = Callable[[Settings], tuple[SecretStr | None, Path | None]]
+
+
+def _without(name: str, environ: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k != name}
+
+
+def _secret_file(tmp_path: Path, content: str, name: str = "secret") -> Path:
+    path = tmp_path / name
+    path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(("name", "read"), FILE_BACKED)
+def test_a_secret_can_come_from_a_file_and_the_path_is_kept(tmp_path: Path, name: str, read: SecretAndFile) -> None:
+    path = _secret_file(tmp_path, "from-file-0f3a9c\n")
+
+    settings = load_settings({**_without(name, _with_every_secret()), f"{name}_FILE": str(path)})
+
+    secret, kept = read(settings)
+    assert secret is not None
+    assert secret.get_secret_value() == "from-file-0f3a9c", "the trailing newline is not part of the secret"
+    assert kept == path
+
+
+@pytest.mark.parametrize(("name", "read"), FILE_BACKED)
+def test_a_secret_set_directly_has_no_file(name: str, read: SecretAndFile) -> None:
+    secret, kept = read(load_settings(_with_every_secret()))
+
+    assert secret is not None
+    assert kept is None
+
+
+@pytest.mark.parametrize(("name", "read"), FILE_BACKED)
+def test_a_secret_set_both_ways_names_both_variables(tmp_path: Path, name: str, read: SecretAndFile) -> None:
+    path = _secret_file(tmp_path, "from-file-0f3a9c")
+
+    message = load_error({**_with_every_secret(), f"{name}_FILE": str(path)})
+
+    assert f"{name} and {name}_FILE are both set" in message
+    assert message.startswith("1 setting(s) invalid")
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        pytest.param(lambda d: d / "absent", "No such file or directory", id="missing"),
+        pytest.param(lambda d: _secret_file(d, ""), "is empty", id="empty"),
+        pytest.param(lambda d: _secret_file(d, " \n\t\n"), "is empty", id="whitespace-only"),
+        pytest.param(lambda d: d, "Is a directory", id="directory"),
+        pytest.param(lambda d: _secret_file(d, "k" * 70_000), "larger than", id="huge"),
+    ],
+)
+@pytest.mark.parametrize("name", ["BRIDGE_OPENLAYER__API_KEY", "BRIDGE_HUMANLOOP__API_KEY"])
+def test_an_unusable_key_file_is_one_line_naming_the_variable_and_the_path(
+    tmp_path: Path, name: str, make: Callable[[Path], Path], problem: str
+) -> None:
+    path = make(tmp_path)
+
+    message = load_error({**_without(name, REQUIRED), f"{name}_FILE": str(path)})
+
+    assert message.startswith("1 setting(s) invalid"), message
+    (line,) = message.splitlines()[1:]
+    assert line.startswith(f"  {name}_FILE: ")
+    assert str(path) in line
+    assert problem in line
+    assert "required" not in line, "an unreadable file is the problem, not a missing key"
+
+
+def test_a_file_problem_is_reported_with_every_other_problem(tmp_path: Path) -> None:
+    environ = {
+        "BRIDGE_OPENLAYER__API_KEY_FILE": str(tmp_path / "absent"),
+        "BRIDGE_OPENLAYER__BASE_URL": "ftp://openlayer.test",
+        "BRIDGE_HUMANLOOP__API_KEY_FILE": str(_secret_file(tmp_path, "")),
+        "BRIDGE_DELIVERY__MAX_CONNECTIONS": "0",
+    }
+
+    message = load_error(environ)
+
+    for name in [*environ, "BRIDGE_KAFKA__BOOTSTRAP_SERVERS"]:
+        assert name in message, name
+    assert message.startswith("5 setting(s) invalid"), message
+
+
+def test_a_file_content_never_appears_in_an_error_or_a_rendering(tmp_path: Path) -> None:
+    # The key file is fine but the section has another problem: the error must not echo the key.
+    key = _secret_file(tmp_path, OL_KEY)
+    environ = {**_without("BRIDGE_OPENLAYER__API_KEY", REQUIRED), "BRIDGE_OPENLAYER__API_KEY_FILE": str(key)}
+
+    message = load_error({**environ, "BRIDGE_OPENLAYER__BASE_URL": "ftp://openlayer.test"})
+    settings = load_settings(environ)
+
+    assert OL_KEY not in message
+    for text in (message, repr(settings), settings.model_dump_json(), json.dumps(settings.model_dump(mode="json"))):
+        assert OL_KEY not in text
+    assert str(key) in settings.model_dump_json(), "the path is shown: it tells the operator where the key is read"
+
+
+def test_a_missing_key_names_its_file_variable_too() -> None:
+    message = load_error(_without("BRIDGE_HUMANLOOP__API_KEY", REQUIRED))
+
+    assert "BRIDGE_HUMANLOOP__API_KEY: is required but not set" in message
+    assert "BRIDGE_HUMANLOOP__API_KEY_FILE" in message
+
+
+def test_an_empty_file_variable_means_unset() -> None:
+    settings = load_settings(env(BRIDGE_OPENLAYER__API_KEY_FILE="", BRIDGE_KAFKA__SASL_PASSWORD_FILE=""))
+
+    assert settings.openlayer.api_key.get_secret_value() == OL_KEY
+    assert (settings.openlayer.api_key_file, settings.kafka.sasl_password_file) == (None, None)
+
+
+def test_sasl_is_complete_with_a_password_file(tmp_path: Path) -> None:
+    path = _secret_file(tmp_path, SASL_PASSWORD)
+    environ = {**_without("BRIDGE_KAFKA__SASL_PASSWORD", _with_every_secret())}
+
+    assert "sasl" in load_error(environ)
+    settings = load_settings({**environ, "BRIDGE_KAFKA__SASL_PASSWORD_FILE": str(path)})
+
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == SASL_PASSWORD
+
+
+def test_key_files_are_read_from_the_process_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("BRIDGE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "broker-1:9092")
+    monkeypatch.setenv("BRIDGE_OPENLAYER__API_KEY_FILE", str(_secret_file(tmp_path, OL_KEY, "ol")))
+    monkeypatch.setenv("BRIDGE_HUMANLOOP__API_KEY_FILE", str(_secret_file(tmp_path, HL_KEY, "hl")))
+
+    settings = load_settings()
+
+    assert settings.openlayer.api_key.get_secret_value() == OL_KEY
+    assert settings.humanloop.api_key.get_secret_value() == HL_KEY
+    assert settings.humanloop.api_key_file == tmp_path / "hl"
+
+
+def test_check_config_reads_key_files_and_prints_their_paths_only(tmp_path: Path) -> None:
+    ol, hl = _secret_file(tmp_path, OL_KEY + "\n", "ol"), _secret_file(tmp_path, HL_KEY, "hl")
+    environ = {
+        "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "broker-1:9092",
+        "BRIDGE_OPENLAYER__API_KEY_FILE": str(ol),
+        "BRIDGE_HUMANLOOP__API_KEY_FILE": str(hl),
+    }
+
+    done = _run_cli(environ, "check-config")
+
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["openlayer"]["api_key_file"] == str(ol)
+    assert printed["humanloop"]["api_key_file"] == str(hl)
+    for secret in (OL_KEY, HL_KEY):
+        assert secret not in done.stdout + done.stderr

@@ -99,16 +99,44 @@ One setting's value as an environment variable's text: maps as JSON, whole numbe
 {{- end }}
 {{- end }}
 
+{{/*
+The secret settings that can be read from a file, as [variable, key in the Secret] pairs with a key configured.
+Usernames are not among them: they are not secrets, and the service has no *_FILE variable for them.
+*/}}
+{{- define "inference-bridge.secretFiles" -}}
+{{- $keys := .Values.secrets.keys }}
+{{- $pairs := list }}
+{{- range list
+      (list "BRIDGE_OPENLAYER__API_KEY" $keys.openlayerApiKey)
+      (list "BRIDGE_HUMANLOOP__API_KEY" $keys.humanloopApiKey)
+      (list "BRIDGE_KAFKA__SASL_PASSWORD" $keys.kafkaSaslPassword)
+      (list "BRIDGE_SCHEMA_REGISTRY__PASSWORD" $keys.schemaRegistryPassword) }}
+{{- if index . 1 }}{{ $pairs = append $pairs . }}{{ end }}
+{{- end }}
+{{- toJson $pairs }}
+{{- end }}
+
+{{/*
+With secrets.mountAsFiles (the default) the secrets are files of the mounted Secret and the service gets their
+paths: the kubelet rewrites the files when the Secret changes, and the service re-reads an API key file when
+the API refuses the key, so a rotation needs no restart (an environment variable is frozen at the pod's start).
+*/}}
 {{- define "inference-bridge.secretEnv" -}}
 {{- $secret := .Values.secrets.existingSecret }}
-{{- $pairs := list
-      (list "BRIDGE_OPENLAYER__API_KEY" .Values.secrets.keys.openlayerApiKey)
-      (list "BRIDGE_HUMANLOOP__API_KEY" .Values.secrets.keys.humanloopApiKey)
-      (list "BRIDGE_KAFKA__SASL_USERNAME" .Values.secrets.keys.kafkaSaslUsername)
-      (list "BRIDGE_KAFKA__SASL_PASSWORD" .Values.secrets.keys.kafkaSaslPassword)
-      (list "BRIDGE_SCHEMA_REGISTRY__USERNAME" .Values.secrets.keys.schemaRegistryUsername)
-      (list "BRIDGE_SCHEMA_REGISTRY__PASSWORD" .Values.secrets.keys.schemaRegistryPassword) }}
-{{- range $pairs }}
+{{- $keys := .Values.secrets.keys }}
+{{- $refs := list
+      (list "BRIDGE_KAFKA__SASL_USERNAME" $keys.kafkaSaslUsername)
+      (list "BRIDGE_SCHEMA_REGISTRY__USERNAME" $keys.schemaRegistryUsername) }}
+{{- $files := include "inference-bridge.secretFiles" . | fromJsonArray }}
+{{- if .Values.secrets.mountAsFiles }}
+{{- range $files }}
+- name: {{ index . 0 }}_FILE
+  value: {{ printf "%s/%s" (trimSuffix "/" $.Values.secrets.mountPath) (index . 1) | quote }}
+{{- end }}
+{{- else }}
+{{- $refs = concat $files $refs }}
+{{- end }}
+{{- range $refs }}
 {{- if index . 1 }}
 - name: {{ index . 0 }}
   valueFrom:
