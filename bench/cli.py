@@ -139,7 +139,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--updates", type=int, help="records per update phase (default 40,000; quick 5,000)")
     parser.add_argument("--rounds", type=int, help="runs of each update phase, averaged (default 2; quick 1)")
     parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--concurrency", type=int, default=256, help="BRIDGE_DELIVERY__MAX_CONNECTIONS and refs")
+    parser.add_argument(
+        "--concurrency", type=int, default=256, help="workers of the reference loops (the service adapts its own)"
+    )
     parser.add_argument("--latency-seconds", type=float, help="paced-producer duration (default 20; quick 5)")
     parser.add_argument("--latency-warmup", type=float, help="paced seconds before measuring (default 10; quick 3)")
     parser.add_argument("--phase-timeout", type=float, default=150.0, help="cap per update phase, seconds")
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["bench_seconds"] = round(time.monotonic() - started, 1)
     figures["http_client"] = http_client
     figures["service_settings"] = {
-        "BRIDGE_DELIVERY__MAX_CONNECTIONS": str(options.concurrency),
+        "reference_concurrency": str(options.concurrency),
         "partitions": str(options.partitions),
         **options.overrides,
     }

@@ -154,7 +154,7 @@ class Bench:
             "BRIDGE_KAFKA__COMMIT_INTERVAL_S": "1.0",
             "BRIDGE_KAFKA__SESSION_TIMEOUT_MS": "45000",
             "BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS": "3000",
-            "BRIDGE_DELIVERY__MAX_CONNECTIONS": str(self.o.concurrency),
+            # No BRIDGE_DELIVERY__*: the service's concurrency is its own adaptive limit, as users run it.
         }
         if self.o.http_client is not None:
             extra["BRIDGE_DELIVERY__HTTP_CLIENT"] = self.o.http_client

@@ -24,10 +24,10 @@ def _check_config(settings: Settings) -> int:
     return 0
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, redact: Redactor) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    await run(settings, stop)
+    await run(settings, stop, redact)
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +43,8 @@ def main(argv: list[str]) -> int:
     if command == "check-config":
         return _check_config(settings)
     obs = settings.observability
-    configure_logging(obs.log_level, obs.log_format, Redactor(secrets_of(settings)))
+    redact = Redactor(secrets_of(settings))
+    configure_logging(obs.log_level, obs.log_format, redact)
     if command == "replay":
         from .replay import main as replay_main
 
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> int:
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(settings.delivery.event_loop)) as runner:
-            runner.run(_serve(settings))
+            runner.run(_serve(settings, redact))
     except BridgeError as exc:
         print(f"inference-bridge: {exc}", file=sys.stderr)
         return 1

@@ -20,11 +20,12 @@ import httpx
 from aiokafka.errors import KafkaError
 
 from .batching import Batcher
-from .breaker import Breaker, BreakerState
+from .breaker import BreakerState, Fault
 from .codec import AvroCodec, SchemaSet
 from .consumer import ConsumerLoop, LoopSettings
+from .credentials import ApiKey
 from .deadletter import DeadLetterWriter, Redactor
-from .delivery import Delivery
+from .delivery import Delivery, Guard, build_guard
 from .errors import FatalError
 from .events import EventKind
 from .health import HealthState, OpsServer
@@ -53,9 +54,49 @@ def topic_kinds(settings: Settings) -> dict[str, EventKind]:
     return {t.inferences: EventKind.INFERENCE, t.row_updates: EventKind.ROW_UPDATE, t.log_updates: EventKind.LOG_UPDATE}
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run until `stop` is set; raises `FatalError` if the service cannot keep its delivery promise."""
+def build_guards(
+    settings: Settings, metrics: Metrics, redact: Redactor, rng: random.Random
+) -> dict[Destination, Guard]:
+    """Delivery's per-destination state, with its metrics exported from the start: an absent gauge
+    would read as "no data" rather than "closed"."""
+    keys = {
+        Destination.OPENLAYER: (settings.openlayer.api_key, settings.openlayer.api_key_file, _bearer),
+        Destination.HUMANLOOP: (settings.humanloop.api_key, settings.humanloop.api_key_file, _x_api_key),
+    }
+    guards = {}
+    for dest, (secret, path, sign) in keys.items():
+        for reason in Fault:
+            metrics.destination_paused.labels(dest.value, reason.value).set(0)
+        metrics.breaker_open.labels(dest.value).set(0)
+        limit_gauge = metrics.concurrency_limit.labels(dest.value)
+        guards[dest] = guard = build_guard(
+            dest,
+            settings.delivery,
+            ApiKey(dest.value, secret.get_secret_value(), path, on_change=redact.add),
+            sign,
+            rng=rng,
+            on_breaker=partial(_breaker_changed, metrics, dest),
+            on_limit=limit_gauge.set,
+        )
+        limit_gauge.set(guard.limit.limit)
+    return guards
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _x_api_key(key: str) -> dict[str, str]:
+    return {"x-api-key": key}
+
+
+async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None = None) -> None:
+    """Run until `stop` is set; raises `FatalError` if the service cannot keep its delivery promise.
+
+    `redact` is the redactor the logs use, so that a key rotated at run time is redacted there too.
+    """
     rng = random.Random()
+    redact = redact or Redactor(secrets_of(settings))
     d = settings.delivery
     kinds = topic_kinds(settings)
     metrics = Metrics()
@@ -87,30 +128,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             )
         codec = AvroCodec(SchemaSet.from_dir(settings.schemas_dir), registry, sr.wire_format)
 
-        breakers = {
-            dest: Breaker(
-                dest.value,
-                threshold=d.breaker_threshold,
-                initial_pause_s=d.initial_backoff_s,
-                max_pause_s=d.max_backoff_s,
-                rng=rng,
-                on_change=partial(_breaker_changed, metrics, dest),
-            )
-            for dest in Destination
-        }
-        for dest in Destination:  # exported from the start: an absent gauge would read as "no data", not closed
-            metrics.breaker_open.labels(dest.value).set(0)
-        delivery = Delivery(
-            http,
-            d,
-            {
-                Destination.OPENLAYER: {"authorization": f"Bearer {settings.openlayer.api_key.get_secret_value()}"},
-                Destination.HUMANLOOP: {"x-api-key": settings.humanloop.api_key.get_secret_value()},
-            },
-            breakers,
-            rng=rng,
-            metrics=metrics,
-        )
+        delivery = Delivery(http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics)
         ol = settings.openlayer
         router = Router(
             openlayer_base_url=ol.base_url,
@@ -127,7 +145,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             producer,
             topic_for=settings.topics.dead_letter_topic,
             group_id=settings.kafka.group_id,
-            redact=Redactor(secrets_of(settings)),
+            redact=redact,
             attempts=settings.dead_letter.send_attempts,
         )
         await dead_letters.prepare(kinds)
@@ -216,11 +234,24 @@ async def _start_kafka_client(starting: Awaitable[None], bootstrap: str) -> None
         kafka_log.removeHandler(cause)
 
 
-def _breaker_changed(metrics: Metrics, destination: Destination, state: BreakerState) -> None:
-    metrics.breaker_open.labels(destination.value).set(0 if state is BreakerState.CLOSED else 1)
-    log.warning(
-        "breaker " + ("closed" if state is BreakerState.CLOSED else "opened"), extra={"destination": destination.value}
-    )
+def _breaker_changed(metrics: Metrics, destination: Destination, state: BreakerState, why: Fault | None) -> None:
+    closed = state is BreakerState.CLOSED
+    metrics.breaker_open.labels(destination.value).set(0 if closed else 1)
+    for reason in Fault:
+        metrics.destination_paused.labels(destination.value, reason.value).set(int(reason is why))
+    if closed:
+        log.warning("breaker closed, calls flow again", extra={"destination": destination.value})
+    elif why is Fault.AUTH:
+        log.warning(
+            "breaker opened: the API refuses our key; nothing is dead-lettered, delivery resumes once the key"
+            " file holds a key it accepts",
+            extra={"destination": destination.value, "reason": why.value},
+        )
+    else:
+        log.warning(
+            "breaker opened: the API is failing; calls wait",
+            extra={"destination": destination.value, "reason": why.value if why else None},
+        )
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

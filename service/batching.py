@@ -1,9 +1,12 @@
 """Batching of new inferences: rows for the same pipeline and config share one Publish-records call.
 
 A batch closes at `max_rows`, at `max_bytes` of row JSON, or `linger_s` after its first row,
-whichever comes first. Batches of one key go out one after another, so rows reach the API in the
-order they were submitted. When the API refuses a batch with a status that can be about single
-rows (400, 413, 422), the batch is split in halves and each half retried, down to single rows:
+whichever comes first. Batches go out as soon as they close, several of one key at a time: rows
+carry their own ids and timestamps, so Publish-records calls need no order among themselves, and a
+slow or hung call holds only its own rows (delivery's concurrency limit bounds how many are in
+flight; the consumer loop commits only the done prefix of each partition). When the API refuses
+a batch with a status that can be about single rows (400, 413, 422), the batch is split in halves
+and each half retried, down to single rows:
 good rows are delivered, and only the rows that are refused on their own fail, each with the
 evidence of its own call. Each submitter awaits the outcome of its own row.
 """
@@ -34,7 +37,6 @@ class _Open:
     rows: list[_Row] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
-    last_flush: asyncio.Task[None] | None = None
 
 
 class Batcher:
@@ -87,14 +89,11 @@ class Batcher:
         if not rows:
             return
         self._on_batch(len(rows))
-        task = asyncio.create_task(self._send_after(key, rows, batch.last_flush))
-        batch.last_flush = task
+        task = asyncio.create_task(self._send_rows(key, rows))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_after(self, key: Hashable, rows: list[_Row], previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])  # order between batches of one key
+    async def _send_rows(self, key: Hashable, rows: list[_Row]) -> None:
         try:
             await self._send(key, rows)
         except asyncio.CancelledError:

@@ -1,9 +1,12 @@
 """Failure classification and retry timing: pure functions, one table, no I/O.
 
-The table is design.md §3: network errors and 408/429/5xx (but 501/505) are outages and are
-retried without limit; 409 gets a few retries; a 404 on an update means "not ingested yet" for a
-grace window; everything else 4xx is the record's fault. A server's `x-should-retry` header
-(the Stainless convention Openlayer's SDK obeys) overrides the status.
+Network errors and 408/425/5xx (but 501/505) are outages and are retried without limit; 429 is a
+rate limit, a signal about the destination rather than the call; 401 means the key is refused and
+403 may mean the same (delivery decides, from whether other calls to the destination succeed); 409
+gets a few retries; a 404 on an update means "not ingested yet" for a grace window; everything
+else 4xx is the record's fault. A server's `x-should-retry` header (the Stainless convention
+Openlayer's SDK obeys) overrides the status, except for 401/403/429: those are the API's own state,
+never a reason to dead-letter a record.
 """
 
 from __future__ import annotations
@@ -19,18 +22,25 @@ from .routes import Endpoint
 class Verdict(Enum):
     SUCCESS = "success"
     RETRY = "retry"
+    THROTTLED = "throttled"
+    AUTH = "auth"
+    FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     NOT_YET = "not-yet"
     REJECT = "reject"
 
 
 _NEVER_RETRY_5XX = frozenset({501, 505})
-_RETRY_4XX = frozenset({408, 425, 429})
+_RETRY_4XX = frozenset({408, 425})
+_DESTINATION_STATES = {429: Verdict.THROTTLED, 401: Verdict.AUTH, 403: Verdict.FORBIDDEN}
 
 
 def classify(status: int, endpoint: Endpoint, headers: Mapping[str, str]) -> Verdict:
     if 200 <= status < 300:
         return Verdict.SUCCESS
+    state = _DESTINATION_STATES.get(status)
+    if state is not None:
+        return state
     should_retry = headers.get("x-should-retry")
     if should_retry == "true":
         return Verdict.RETRY

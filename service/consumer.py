@@ -45,7 +45,14 @@ class LoopSettings:
 
 
 class PartitionWorker:
-    """Runs one partition's records: prepared in order, same key in order, bounded concurrency."""
+    """Runs one partition's records: prepared in order, same key in order, bounded concurrency.
+
+    A record holds an in-flight slot of its partition and one of the member's only while it runs:
+    a record waiting behind an earlier one of its key holds none, and neither does one that parked
+    itself (`park`, a "not yet" answer it waits out), so other keys use those slots meanwhile. All
+    of them still count in `backlog`, which pauses the partition when it is full, so memory stays
+    bounded however many records wait.
+    """
 
     def __init__(
         self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, shared: Slots, loop: ConsumerLoop
@@ -57,17 +64,25 @@ class PartitionWorker:
         self._queue: deque[SourceRecord] = deque()
         self._arrived = asyncio.Event()
         self._slots = Slots(max_in_flight)
-        # Shared by every partition of this member: the total bound. A task waits only for an earlier
-        # task of its own key, which already holds both slots, so the two bounds cannot deadlock.
+        # Shared by every partition of this member: the total bound. Slots are always taken in the
+        # order partition, then member, and a record holding none never waits for one holding both.
         self._shared = shared
-        self._tails: dict[Hashable, asyncio.Future[None]] = {}
+        # key -> records of that key waiting behind the one running (or about to); present while busy.
+        self._keys: dict[Hashable, deque[tuple[Work, int]]] = {}
+        self._ready: deque[tuple[Work, int]] = deque()
+        """Records whose key turn came: started before new records, as soon as slots allow."""
+        self._parked: set[int] = set()
         self._running: set[asyncio.Future[None]] = set()
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
 
     @property
     def backlog(self) -> int:
-        """Records taken from Kafka and not yet done (queued or in flight)."""
+        """Records taken from Kafka and not yet done (queued, waiting, parked or in flight)."""
         return self.tracker.pending
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
 
     def push(self, records: Sequence[SourceRecord]) -> None:
         for record in records:
@@ -78,44 +93,75 @@ class PartitionWorker:
     async def _feed(self) -> None:
         try:
             while True:
-                while not self._queue:
+                if self._ready:
+                    work, offset = self._ready.popleft()
+                elif self._queue:
+                    record = self._queue.popleft()
+                    work, offset = await self._prepare(record), record.offset
+                    key = work.key
+                    if key is not None:
+                        waiting = self._keys.get(key)
+                        if waiting is not None:
+                            waiting.append((work, offset))
+                            continue
+                        self._keys[key] = deque()
+                else:
                     self._arrived.clear()
                     await self._arrived.wait()
-                record = self._queue.popleft()
-                work = await self._prepare(record)
-                if not self._slots.try_take():
-                    await self._slots.take()
-                if not self._shared.try_take():
-                    await self._shared.take()
-                self._launch(work, record.offset)
+                    continue
+                await self._take()
+                self._launch(work, offset)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001  # prepare promises not to raise; if it does, stop
             self._loop.fail(exc)
 
-    def _launch(self, work: Work, offset: int) -> None:
-        key = work.key
-        previous = None if key is None else self._tails.get(key)
-        try:
-            # Only a record that must wait for an earlier one of its key costs a task here.
-            outcome = (
-                work.start() if previous is None or previous.done() else asyncio.ensure_future(_after(previous, work))
-            )
-        except BaseException:  # a bug in `start`: the loop stops (see _feed), but not with our slots held
-            self._slots.release()
-            self._shared.release()
-            raise
-        if key is not None:
-            self._tails[key] = outcome
-        self._running.add(outcome)
-        outcome.add_done_callback(partial(self._finished, key, offset))
+    async def _take(self) -> None:
+        if not self._slots.try_take():
+            await self._slots.take()
+        if not self._shared.try_take():
+            try:
+                await self._shared.take()
+            except BaseException:
+                self._slots.release()
+                raise
 
-    def _finished(self, key: Hashable | None, offset: int, outcome: asyncio.Future[None]) -> None:
+    def _give(self) -> None:
         self._slots.release()
         self._shared.release()
+
+    def park(self, offset: int) -> None:
+        if offset not in self._parked:
+            self._parked.add(offset)
+            self._give()
+
+    async def resume(self, offset: int) -> None:
+        if offset in self._parked:
+            await self._take()
+            self._parked.discard(offset)
+
+    def _launch(self, work: Work, offset: int) -> None:
+        try:
+            outcome = work.start(self)
+        except BaseException:  # a bug in `start`: the loop stops (see _feed), but not with our slots held
+            self._give()
+            raise
+        self._running.add(outcome)
+        outcome.add_done_callback(partial(self._finished, work.key, offset))
+
+    def _finished(self, key: Hashable | None, offset: int, outcome: asyncio.Future[None]) -> None:
+        if offset in self._parked:
+            self._parked.discard(offset)  # cancelled while parked: it holds no slots
+        else:
+            self._give()
         self._running.discard(outcome)
-        if key is not None and self._tails.get(key) is outcome:
-            del self._tails[key]
+        if key is not None:
+            waiting = self._keys.get(key)
+            if waiting:
+                self._ready.append(waiting.popleft())
+                self._arrived.set()
+            else:
+                self._keys.pop(key, None)
         if outcome.cancelled():
             return  # stopped or revoked before it finished: it stays pending and is read again
         exc = outcome.exception()
@@ -130,6 +176,8 @@ class PartitionWorker:
         with contextlib.suppress(asyncio.CancelledError):
             await self._feeder
         self._queue.clear()
+        self._ready.clear()
+        self._keys.clear()
         if self._running:
             _, unfinished = await asyncio.wait(set(self._running), timeout=timeout_s)
             for task in unfinished:
@@ -140,11 +188,6 @@ class PartitionWorker:
                     extra={"topic": self.tp.topic, "partition": self.tp.partition, "count": len(unfinished)},
                 )
                 await asyncio.wait(unfinished)
-
-
-async def _after(previous: asyncio.Future[None], work: Work) -> None:
-    await asyncio.wait([previous])  # order only; its outcome is its own
-    await work.start()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -244,6 +287,7 @@ class ConsumerLoop:
 
     def _observe(self) -> None:
         self._metrics.in_flight.set(sum(w.backlog for w in self._workers.values()))
+        self._metrics.parked.set(sum(w.parked for w in self._workers.values()))
         for tp, worker in self._workers.items():
             highwater = self._consumer.highwater(tp)
             done = worker.tracker.committable()

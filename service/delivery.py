@@ -1,9 +1,18 @@
-"""Delivery: one API request to its final outcome, through retries, Retry-After and the breaker.
+"""Delivery: one API request to its final outcome, through retries, rate limits, pauses and the breaker.
 
 `Delivery.deliver` returns when the API accepted the request and raises `RejectedError` when it
-refused it for good. It never gives up on an outage: retryable failures go through the
-destination's breaker and wait as long as the outage lasts (the caller cancels on shutdown). The
-only failures that end in a dead letter are the ones that say something about this record.
+refused it for good. It never gives up on the API's own trouble: 5xx, timeouts, 429, a refused key
+and "not ingested yet" wait, each in its own way, and only answers that say something about this
+record end in a dead letter. Per destination (`Guard`) it keeps:
+
+- a breaker (service/breaker.py) that pauses the destination in an outage or while its key is refused;
+- an adaptive concurrency limit (service/limiter.py), which also carries Retry-After pauses;
+- per-endpoint attempt timeouts from recent latency (service/timeouts.py), so a hung call is cut
+  in seconds and retried, and a breaker probe is cut sooner still;
+- the API key, re-read from its file when the API answers 401/403 (a rotated Secret).
+
+A 404 "not yet" gives back the record's in-flight slots while it waits (`Parking`), so records of
+other keys flow past it.
 """
 
 from __future__ import annotations
@@ -13,21 +22,27 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlencode
 
-from .breaker import Breaker
+from .breaker import Breaker, BreakerSettings, BreakerState, Fault
 from .classify import Verdict, backoff_s, classify, retry_after_s
 from .errors import HttpEvidence, RejectedError
 from .httpclient import HttpClient, HttpResponse, TransportFailure
+from .limiter import ConcurrencyLimit, LimitSettings
 from .metrics import Metrics
-from .routes import ApiRequest, Destination
+from .routes import ApiRequest, Destination, Endpoint
 from .settings import DeliverySettings
-from .slots import Slots
+from .timeouts import AttemptTimeout, TimeoutSettings
 
 log = logging.getLogger(__name__)
 
 _KEPT_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "retry-after", "retry-after-ms")
+_BACKPRESSURE_STATUSES = frozenset({503})
+"""Retryable statuses that say "too much" (429 has its own verdict); other 5xx say "broken"."""
+PROBE_TIMEOUT_S = 5.0
+"""A breaker probe's attempt timeout at most: one hung probe must not hold a recovering destination."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +53,82 @@ class DeliveryReport:
     attempts: int
 
 
+class KeySource(Protocol):
+    """An API key that may change while the service runs (a rotated Secret file)."""
+
+    @property
+    def value(self) -> str: ...
+
+    def reload(self) -> bool:
+        """Read the key again; True when it changed."""
+        ...
+
+
+class Parking(Protocol):
+    """Lets a waiting record give back its in-flight slots (the consumer loop's, service/consumer.py)."""
+
+    def park(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Guard:
+    """Everything delivery keeps per destination."""
+
+    breaker: Breaker
+    limit: ConcurrencyLimit
+    key: KeySource
+    sign: Callable[[str], Mapping[str, str]]
+    """The auth headers for a key."""
+    timeouts: Mapping[Endpoint, AttemptTimeout]
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.refresh_headers()
+
+    def refresh_headers(self) -> None:
+        self.headers = {"content-type": "application/json", "accept": "application/json", **self.sign(self.key.value)}
+
+
+def build_guard(
+    destination: Destination,
+    settings: DeliverySettings,
+    key: KeySource,
+    sign: Callable[[str], Mapping[str, str]],
+    *,
+    rng: random.Random,
+    on_breaker: Callable[[BreakerState, Fault | None], None] = lambda state, why: None,
+    on_limit: Callable[[int], None] = lambda limit: None,
+    breaker: BreakerSettings | None = None,
+) -> Guard:
+    """One destination's guard from the delivery settings (`breaker` replaces the derived breaker settings)."""
+    breaker = breaker or BreakerSettings(
+        min_calls=settings.breaker_min_calls,
+        failure_rate=settings.breaker_failure_rate,
+        # At least a second: it bounds how often the breaker can change state.
+        initial_pause_s=max(1.0, settings.initial_backoff_s),
+        max_pause_s=max(1.0, settings.max_backoff_s),
+    )
+    timeouts = TimeoutSettings(ceiling_s=settings.read_timeout_s, floor_s=settings.min_attempt_timeout_s)
+    return Guard(
+        breaker=Breaker(destination.value, breaker, rng=rng, on_change=on_breaker),
+        limit=ConcurrencyLimit(
+            LimitSettings(ceiling=settings.max_connections, initial=min(32, settings.max_connections)),
+            on_change=on_limit,
+        ),
+        key=key,
+        sign=sign,
+        timeouts={e: AttemptTimeout(timeouts) for e in Endpoint if e.destination is destination},
+    )
+
+
 class Delivery:
     def __init__(
         self,
         client: HttpClient,
         settings: DeliverySettings,
-        auth_headers: Mapping[Destination, Mapping[str, str]],
-        breakers: Mapping[Destination, Breaker],
+        guards: Mapping[Destination, Guard],
         *,
         rng: random.Random,
         metrics: Metrics,
@@ -53,76 +137,116 @@ class Delivery:
         self._metrics = metrics
         self._client = client
         self._settings = settings
-        self._headers = {
-            dest: {"content-type": "application/json", "accept": "application/json", **auth}
-            for dest, auth in auth_headers.items()
-        }
-        self._breakers = breakers
-        # Calls wait here rather than in the client's pool: a pool wait that timed out would look
-        # like an API failure and count against the destination's breaker.
-        self._slots = {dest: Slots(settings.max_connections) for dest in auth_headers}
+        self._guards = guards
         self._rng = rng
         self._now = wall_clock
 
-    async def deliver(self, request: ApiRequest, record_timestamp_ms: int) -> DeliveryReport:
-        breaker = self._breakers[request.destination]
-        headers = self._headers[request.destination]
+    async def deliver(
+        self, request: ApiRequest, record_timestamp_ms: int, parking: Parking | None = None
+    ) -> DeliveryReport:
+        guard = self._guards[request.destination]
+        breaker, limit = guard.breaker, guard.limit
+        timeout = guard.timeouts[request.endpoint]
         endpoint, destination = request.endpoint.value, request.destination.value
         attempt = 0
+        failures = 0  # attempts that failed for the API's own reasons: they set the backoff
         conflicts = 0
         while True:
             probe = await breaker.admit()
             attempt += 1
+            if not limit.try_acquire():
+                try:
+                    await limit.acquire()
+                except BaseException:
+                    breaker.released(probe=probe)
+                    raise
+            seconds = min(timeout.seconds, PROBE_TIMEOUT_S) if probe else timeout.seconds
             started = time.monotonic()
             try:
-                slots = self._slots[request.destination]
-                if not slots.try_take():
-                    await slots.take()
-                try:
+                async with asyncio.timeout(seconds):
                     response = await self._client.send(
-                        request.method, request.url, request.params, headers, request.body
+                        request.method, request.url, request.params, guard.headers, request.body
                     )
-                finally:
-                    slots.release()
-            except TransportFailure as exc:
-                self._metrics.call(endpoint, destination, None, time.monotonic() - started)
-                self._metrics.retries.labels(endpoint, exc.kind).inc()
-                breaker.failed(None, probe=probe)
-                log.warning(
-                    "call failed, will retry",
-                    extra={"endpoint": endpoint, "error": str(exc), "attempt": attempt},
+            except (TransportFailure, TimeoutError) as exc:
+                failure = (
+                    exc
+                    if isinstance(exc, TransportFailure)
+                    else TransportFailure("timeout", f"no answer in {seconds:.1f}s")
                 )
-                await self._pause(attempt, breaker_open=probe)
+                limit.release(None, backpressure=failure.kind == "timeout")
+                self._metrics.call(endpoint, destination, None, time.monotonic() - started)
+                self._metrics.retries.labels(endpoint, failure.kind).inc()
+                breaker.failed(Fault.OUTAGE, probe=probe)
+                failures += 1
+                log.warning(
+                    "call failed, will retry", extra={"endpoint": endpoint, "error": str(failure), "attempt": attempt}
+                )
+                await self._backoff(failures)
                 continue
             except BaseException:
-                if probe:
-                    breaker.released()
+                limit.cancelled()
+                breaker.released(probe=probe)
                 raise
-            self._metrics.call(endpoint, destination, response.status, time.monotonic() - started)
-            verdict = classify(response.status, request.endpoint, response.headers)
+            rtt = time.monotonic() - started
+            status = response.status
+            self._metrics.call(endpoint, destination, status, rtt)
+            verdict = classify(status, request.endpoint, response.headers)
             if verdict is Verdict.SUCCESS:
-                breaker.succeeded()
-                return DeliveryReport(status=response.status, attempts=attempt)
+                limit.release(rtt)
+                timeout.observe(rtt)
+                breaker.succeeded(probe=probe)
+                return DeliveryReport(status=status, attempts=attempt)
+            if verdict is Verdict.FORBIDDEN and breaker.recent_success():
+                # Other calls with this key succeed: the key may not write this record's target.
+                verdict = Verdict.REJECT
             if verdict is not Verdict.REJECT:
                 self._metrics.retries.labels(endpoint, verdict.value).inc()
-            if verdict is Verdict.RETRY:
+            if verdict is Verdict.THROTTLED:
+                limit.release(None, backpressure=True)
+                breaker.released(probe=probe)
                 pause = self._retry_after(response)
-                breaker.failed(pause, probe=probe)
-                log.warning(
-                    "retryable status, will retry",
-                    extra={"endpoint": endpoint, "status": response.status, "attempt": attempt},
-                )
-                if pause is None:
-                    await self._pause(attempt, breaker_open=probe)
+                if pause is not None:
+                    limit.pause_until(time.monotonic() + pause)
+                    continue
+                failures += 1
+                await self._backoff(failures)
                 continue
-            # The API answered about this record, so the destination itself is healthy.
-            breaker.succeeded()
+            if verdict is Verdict.RETRY:
+                limit.release(None, backpressure=status in _BACKPRESSURE_STATUSES)
+                breaker.failed(Fault.OUTAGE, probe=probe)
+                pause = self._retry_after(response)
+                if pause is not None:
+                    limit.pause_until(time.monotonic() + pause)
+                log.warning(
+                    "retryable status, will retry", extra={"endpoint": endpoint, "status": status, "attempt": attempt}
+                )
+                failures += 1
+                if pause is None:
+                    await self._backoff(failures)
+                continue
+            if verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
+                limit.release(rtt)
+                if guard.key.reload():
+                    guard.refresh_headers()
+                    breaker.released(probe=probe)
+                    log.warning("API key changed on disk, retrying with it", extra={"destination": destination})
+                    continue
+                breaker.failed(Fault.AUTH, probe=probe)
+                log.warning(
+                    "API key refused, will retry", extra={"endpoint": endpoint, "status": status, "attempt": attempt}
+                )
+                failures += 1
+                await self._backoff(failures)
+                continue
+            # The API answered about this record, so the destination itself is up.
+            limit.release(rtt)
+            breaker.answered(probe=probe)
             if verdict is Verdict.CONFLICT and conflicts < self._settings.conflict_retries:
                 conflicts += 1
-                await self._pause(conflicts, breaker_open=False)
+                await self._backoff(conflicts)
                 continue
             if verdict is Verdict.NOT_YET and self._within_grace(record_timestamp_ms):
-                await self._pause(attempt, breaker_open=False)
+                await self._wait_parked(attempt, parking)
                 continue
             raise self._rejection(request, response, attempt, verdict)
 
@@ -130,11 +254,18 @@ class Delivery:
         pause = retry_after_s(response.headers, self._now())
         return None if pause is None else min(pause, self._settings.retry_after_cap_s)
 
-    async def _pause(self, attempt: int, *, breaker_open: bool) -> None:
-        # While the breaker is open it does the waiting; a sleep here would only add to it.
-        if not breaker_open:
-            s = self._settings
-            await asyncio.sleep(backoff_s(attempt - 1, s.initial_backoff_s, s.max_backoff_s, self._rng))
+    async def _backoff(self, attempt: int) -> None:
+        s = self._settings
+        await asyncio.sleep(backoff_s(attempt - 1, s.initial_backoff_s, s.max_backoff_s, self._rng))
+
+    async def _wait_parked(self, attempt: int, parking: Parking | None) -> None:
+        """Wait for a not-yet record without holding in-flight slots that other keys could use."""
+        if parking is None:
+            await self._backoff(attempt)
+            return
+        parking.park()
+        await self._backoff(attempt)  # a record cancelled here stays parked: the loop knows it holds no slots
+        await parking.resume()
 
     def _within_grace(self, record_timestamp_ms: int) -> bool:
         return self._now() - record_timestamp_ms / 1000.0 < self._settings.not_found_grace_s

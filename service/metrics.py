@@ -54,6 +54,23 @@ class Metrics:
         self.breaker_open = Gauge(
             "bridge_breaker_open", "1 while a destination's breaker holds calls back.", ["destination"], registry=r
         )
+        self.destination_paused = Gauge(
+            "bridge_destination_paused",
+            "1 while a destination is paused for this reason (outage: its breaker is open; auth: it refuses our key).",
+            ["destination", "reason"],
+            registry=r,
+        )
+        self.concurrency_limit = Gauge(
+            "bridge_concurrency_limit",
+            "The adaptive limit on concurrent calls to a destination (ceiling: BRIDGE_DELIVERY__MAX_CONNECTIONS).",
+            ["destination"],
+            registry=r,
+        )
+        self.parked = Gauge(
+            "bridge_records_parked",
+            "Records waiting out a not-yet answer without holding in-flight slots.",
+            registry=r,
+        )
         self.last_success = Gauge(
             "bridge_api_last_success_timestamp_seconds",
             "When a destination last accepted a call.",

@@ -21,7 +21,7 @@ from .delivery import Delivery
 from .errors import InternalError, RecordError, TransientError
 from .events import Event, EventKind, NewInference
 from .metrics import Metrics
-from .records import SourceRecord, Work
+from .records import Lender, SourceRecord, Work
 from .routes import ApiRequest, PublishRow, Router
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,12 @@ class Pipeline:
         # Nothing else depends on a dead-lettered record, so it waits for nothing.
         return Work(key=None, start=partial(self._start_dead_letter, record, error))
 
-    def _start_deliver(self, record: SourceRecord, request: ApiRequest) -> asyncio.Future[None]:
-        return self._start(self._deliver(record, request))
+    def _start_deliver(self, record: SourceRecord, request: ApiRequest, lender: Lender) -> asyncio.Future[None]:
+        return self._start(self._deliver(record, request, _Parking(lender, record.offset)))
 
-    def _start_dead_letter(self, record: SourceRecord, error: RecordError) -> asyncio.Future[None]:
+    def _start_dead_letter(
+        self, record: SourceRecord, error: RecordError, lender: Lender | None = None
+    ) -> asyncio.Future[None]:
         return self._start(self._dead_letter(record, error))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
@@ -103,7 +105,7 @@ class Pipeline:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_publish(self, record: SourceRecord, row: PublishRow) -> asyncio.Future[None]:
+    def _start_publish(self, record: SourceRecord, row: PublishRow, lender: Lender) -> asyncio.Future[None]:
         # The hot path of new inferences: no task per row. The row's own future settles the
         # record's outcome; only a refused row needs a task, to write its dead letter.
         sent = self._batcher.add(row.batch_key, row.row_json)
@@ -131,9 +133,9 @@ class Pipeline:
         # write cannot outlive the partition and be repeated by its next owner.
         outcome.add_done_callback(partial(_cancel_if_cancelled, writing))
 
-    async def _deliver(self, record: SourceRecord, request: ApiRequest) -> None:
+    async def _deliver(self, record: SourceRecord, request: ApiRequest, parking: _Parking) -> None:
         try:
-            report = await self._delivery.deliver(request, record.timestamp_ms)
+            report = await self._delivery.deliver(request, record.timestamp_ms, parking)
         except RecordError as exc:
             await self._dead_letter(record, exc)
             return
@@ -173,6 +175,22 @@ async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows:
     pipeline_id, config_json = cast(tuple[str, bytes], key)
     # A 404 on publish means a wrong pipeline id, never "not yet", so no record timestamp is needed.
     await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0)
+
+
+class _Parking:
+    """One record's way to give back its in-flight slots while it waits (delivery's `Parking`)."""
+
+    __slots__ = ("_lender", "_offset")
+
+    def __init__(self, lender: Lender, offset: int) -> None:
+        self._lender = lender
+        self._offset = offset
+
+    def park(self) -> None:
+        self._lender.park(self._offset)
+
+    async def resume(self) -> None:
+        await self._lender.resume(self._offset)
 
 
 def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:

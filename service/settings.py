@@ -253,7 +253,15 @@ class SchemaRegistrySettings(_Section):
 
 class DeliverySettings(_Section):
     connect_timeout_s: float = Field(default=5.0, gt=0, description="per attempt")
-    read_timeout_s: float = Field(default=30.0, gt=0, description="per attempt; a timeout is retried")
+    read_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest attempt; attempts are cut sooner once latency is known, see next"
+    )
+    min_attempt_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="shortest attempt timeout; an attempt may take 4x its endpoint's recent p99 latency, "
+        "within this and read_timeout_s",
+    )
     initial_backoff_s: float = Field(default=0.5, gt=0, description="first retry delay (doubles, jittered)")
     max_backoff_s: float = Field(default=30.0, gt=0, description="longest retry delay and breaker pause")
     retry_after_cap_s: float = Field(default=60.0, gt=0, description="longest server-requested pause honoured")
@@ -264,7 +272,9 @@ class DeliverySettings(_Section):
     evidence_body_bytes: int = Field(
         default=4096, ge=0, le=65536, description="response body bytes kept in a dead letter's headers"
     )
-    max_connections: int = Field(default=64, ge=1, description="concurrent calls per destination")
+    max_connections: int = Field(
+        default=512, ge=1, description="ceiling of the adaptive limit on concurrent calls per destination"
+    )
     max_in_flight_per_partition: int = Field(
         default=256, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
     )
@@ -275,8 +285,11 @@ class DeliverySettings(_Section):
         default=2000, ge=1, description="records taken from Kafka and not yet done; above it the partition pauses"
     )
     drain_timeout_s: float = Field(default=20.0, gt=0, description="bounded wait for in-flight calls on stop")
-    breaker_threshold: int = Field(
-        default=5, ge=1, description="retryable failures in a row that open a destination's breaker"
+    breaker_failure_rate: float = Field(
+        default=0.5, gt=0, le=1, description="share of failed calls in the last 10 s that opens a destination's breaker"
+    )
+    breaker_min_calls: int = Field(
+        default=20, ge=1, description="calls in the last 10 s before the failure rate counts"
     )
     http_client: Literal["aiohttp", "httpx"] = Field(
         default="aiohttp",

@@ -183,10 +183,6 @@ def exported_series() -> dict[str, set[str]]:
             suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
             for suffix in suffixes:
                 series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    # Issue 9 item 4: service/metrics.py is to export this gauge (1 while a destination is paused for a
-    # reason: outage, auth or rate-limit); until it does, the chart's auth alert is checked against this.
-    # setdefault: once exported, the real labels are what the alert is checked against.
-    series.setdefault("bridge_destination_paused", {"destination", "reason"})
     return series
 
 

@@ -92,7 +92,7 @@ async def test_an_outage_opens_the_breaker_and_dead_letters_nothing(
     kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
 ) -> None:
     port = free_port()
-    env = {**bridge_env, "BRIDGE_OBSERVABILITY__HTTP_PORT": str(port), "BRIDGE_DELIVERY__BREAKER_THRESHOLD": "3"}
+    env = {**bridge_env, "BRIDGE_OBSERVABILITY__HTTP_PORT": str(port)}
     topic = LOG_CASE.topic_of(topics)
     fake_apis.set_down("update_log")
     await produce(kafka_bootstrap, topic, [ENCODER.plain("log_update", LOG_CASE.datum(i, False)) for i in range(5)])

@@ -1,4 +1,4 @@
-"""Batcher: rows close into batches by count, bytes and linger; batches of one key keep their order;
+"""Batcher: rows close into batches by count, bytes and linger; batches of one key go out in parallel;
 a refused batch is bisected so that only the rows refused on their own fail."""
 
 from __future__ import annotations
@@ -48,6 +48,27 @@ async def test_batches_close_at_max_rows_and_keep_their_order() -> None:
     rows = [f"r{i}".encode() for i in range(7)]
     await _submit_all(_batcher(api, max_rows=3), "k", rows)
     assert [batch for _key, batch in api.calls] == [rows[0:3], rows[3:6], rows[6:7]]
+
+
+async def test_a_hung_batch_does_not_hold_the_next_batch_of_its_key() -> None:
+    release = asyncio.Event()
+    calls: list[list[bytes]] = []
+
+    async def flush(key: Hashable, rows: Sequence[bytes]) -> None:
+        calls.append(list(rows))
+        if len(calls) == 1:
+            await release.wait()  # the first call hangs until the second one was delivered
+
+    batcher = Batcher(flush, max_rows=2, max_bytes=10_000, linger_s=0.01)
+    first = [batcher.add("k", b"a"), batcher.add("k", b"b")]
+    second = [batcher.add("k", b"c"), batcher.add("k", b"d")]
+
+    await asyncio.wait_for(asyncio.gather(*second), 10)  # a guard: it fails rather than hangs
+
+    assert not any(f.done() for f in first)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*first), 10)
+    assert calls == [[b"a", b"b"], [b"c", b"d"]]
 
 
 async def test_batches_never_exceed_max_bytes() -> None:

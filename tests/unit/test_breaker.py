@@ -1,22 +1,22 @@
-"""The per-destination breaker: an outage holds every caller, one probe tests the water, success releases all.
+"""The per-destination breaker: it opens on an outage (a failure rate over a window, or a stall), not on a few
+errors among successes; it never flaps; its probes decide, and only they close it.
 
-No durations are asserted. Waiting is observed as "this task has not finished yet", and progress through
-`eventually`, which polls a condition with a generous limit so a slow machine only makes the test slower.
+All of it runs on a manual clock. Waiting is observed as "this task has not finished yet" after the clock moved
+short of the pause, and release through `asyncio.wait_for` guards, never through durations.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Callable
 
 import pytest
 
-from service.breaker import Breaker, BreakerState
+from service.breaker import Breaker, BreakerSettings, BreakerState, Fault
 
-LONG = 3600.0
-"""A pause no test ever waits out: a task still waiting after it proves the breaker holds it."""
+SETTINGS = BreakerSettings(
+    window_s=10, min_calls=20, failure_rate=0.5, stall_failures=3, stall_s=10.0, probes=3, initial_pause_s=1.0
+)
 
 
 class ManualClock:
@@ -27,21 +27,14 @@ class ManualClock:
         return self.now
 
 
-def make_breaker(
-    *,
-    threshold: int = 3,
-    initial_pause_s: float = 0.01,
-    max_pause_s: float = 0.05,
-    clock: Callable[[], float] = time.monotonic,
-) -> Breaker:
-    return Breaker(
-        "dest",
-        threshold=threshold,
-        initial_pause_s=initial_pause_s,
-        max_pause_s=max_pause_s,
-        rng=random.Random(1),
-        clock=clock,
-    )
+class Changes(list[tuple[BreakerState, Fault | None]]):
+    def __call__(self, state: BreakerState, why: Fault | None) -> None:
+        self.append((state, why))
+
+
+def make(settings: BreakerSettings = SETTINGS) -> tuple[Breaker, ManualClock, Changes]:
+    clock, changes = ManualClock(), Changes()
+    return Breaker("dest", settings, rng=random.Random(1), clock=clock, on_change=changes), clock, changes
 
 
 def state(breaker: Breaker) -> BreakerState:
@@ -49,276 +42,167 @@ def state(breaker: Breaker) -> BreakerState:
     return breaker.state
 
 
-async def eventually(condition: Callable[[], bool], what: str, limit_s: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit_s
-    while not condition():
-        if loop.time() > give_up:
-            pytest.fail(f"never happened: {what}")
-        await asyncio.sleep(0.005)
+async def admitted(breaker: Breaker) -> bool:
+    return await asyncio.wait_for(breaker.admit(), 5)
 
 
 async def settle() -> None:
-    """Let every ready task run a few steps."""
     for _ in range(5):
         await asyncio.sleep(0)
 
 
-def start_admits(breaker: Breaker, count: int) -> list[asyncio.Task[bool]]:
-    return [asyncio.create_task(breaker.admit(), name=f"admit-{i}") for i in range(count)]
+def fail_many(breaker: Breaker, count: int, fault: Fault = Fault.OUTAGE) -> None:
+    for _ in range(count):
+        breaker.failed(fault, probe=False)
 
 
-async def cancel_all(tasks: list[asyncio.Task[bool]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+async def test_closed_admits_at_once_and_not_as_probe() -> None:
+    breaker, _, _ = make()
+    assert await admitted(breaker) is False
 
 
-def finished(tasks: list[asyncio.Task[bool]]) -> list[asyncio.Task[bool]]:
-    return [task for task in tasks if task.done()]
+async def test_a_few_failures_among_many_successes_never_open_it() -> None:
+    breaker, clock, changes = make()
+    for second in range(60):
+        clock.now += 1
+        for _ in range(50):
+            breaker.succeeded(probe=False)
+        fail_many(breaker, 2 if second % 7 else 5)  # 4-10% failures, with short runs of five in a row
 
-
-# --- closed -----------------------------------------------------------------------------------------------------
-
-
-async def test_a_closed_breaker_admits_at_once_and_not_as_probe() -> None:
-    breaker = make_breaker()
-
-    assert state(breaker) is BreakerState.CLOSED
-    assert await breaker.admit() is False
-
-
-async def test_threshold_failures_in_a_row_open_it() -> None:
-    breaker = make_breaker(threshold=3)
-
-    breaker.failed(None, probe=False)
-    breaker.failed(None, probe=False)
-    assert state(breaker) is BreakerState.CLOSED
-    assert await breaker.admit() is False
-
-    breaker.failed(None, probe=False)
-    assert state(breaker) is BreakerState.OPEN
-
-
-async def test_a_success_resets_the_failure_count() -> None:
-    breaker = make_breaker(threshold=3)
-
-    for _ in range(2):
-        breaker.failed(None, probe=False)
-    breaker.succeeded()
-    for _ in range(2):
-        breaker.failed(None, probe=False)
-
+    assert changes == []
     assert state(breaker) is BreakerState.CLOSED
 
 
-async def test_retry_after_opens_it_at_once_below_the_threshold() -> None:
-    breaker = make_breaker(threshold=100)
+async def test_a_failure_rate_over_the_window_opens_it_once() -> None:
+    breaker, _, changes = make()
+    for _ in range(10):
+        breaker.succeeded(probe=False)
+    fail_many(breaker, 9)
+    assert state(breaker) is BreakerState.CLOSED, "below the minimum number of calls"
 
-    breaker.failed(LONG, probe=False)
+    fail_many(breaker, 30)
 
     assert state(breaker) is BreakerState.OPEN
-    waiter = asyncio.create_task(breaker.admit())
-    await asyncio.sleep(0.02)
-    assert not waiter.done()
-    await cancel_all([waiter])
+    assert changes == [(BreakerState.OPEN, Fault.OUTAGE)], "one change, however many failures follow"
 
 
-# --- open: everyone waits ------------------------------------------------------------------------------------------
-
-
-async def test_admit_waits_while_open() -> None:
-    breaker = make_breaker(threshold=1, initial_pause_s=LONG, max_pause_s=LONG)
-    breaker.failed(None, probe=False)
-
-    waiters = start_admits(breaker, 3)
-    await asyncio.sleep(0.03)
-
-    assert finished(waiters) == []
-    assert state(breaker) is BreakerState.OPEN
-    await cancel_all(waiters)
-
-
-async def test_a_success_while_open_releases_every_waiter_as_non_probes() -> None:
-    # A call that left before the breaker opened may still come back with a 2xx: the destination is up.
-    breaker = make_breaker(threshold=1, initial_pause_s=LONG, max_pause_s=LONG)
-    breaker.failed(None, probe=False)
-    waiters = start_admits(breaker, 4)
-    await asyncio.sleep(0.02)
-    assert finished(waiters) == []
-
-    breaker.succeeded()
-
-    assert await asyncio.wait_for(asyncio.gather(*waiters), 5) == [False] * 4
+async def test_old_successes_leave_the_window() -> None:
+    breaker, clock, _ = make()
+    for _ in range(100):
+        breaker.succeeded(probe=False)
+    clock.now += 10.5  # wait, but not long enough for the stall rule
+    fail_many(breaker, 2)
+    clock.now += 0.1
     assert state(breaker) is BreakerState.CLOSED
+    fail_many(breaker, 18)
+
+    assert state(breaker) is BreakerState.OPEN, "the 100 successes were older than the window"
 
 
-async def test_the_pause_follows_retry_after() -> None:
-    clock = ManualClock()
-    breaker = make_breaker(threshold=100, clock=clock)
-    breaker.failed(30.0, probe=False)
+async def test_a_stall_opens_it_without_enough_calls_for_a_rate() -> None:
+    breaker, clock, changes = make()
+    breaker.succeeded(probe=False)
+    clock.now += 5
+    fail_many(breaker, 3)
+    assert state(breaker) is BreakerState.CLOSED, "a success 5 s ago: not a stall yet"
 
-    clock.now += 29.0
-    early = asyncio.create_task(breaker.admit())
-    await asyncio.sleep(0.02)
-    assert not early.done(), "admitted before the server's Retry-After"
-    await cancel_all([early])
+    clock.now += 6
+    fail_many(breaker, 1)
 
-    clock.now += 2.0
-    assert await asyncio.wait_for(breaker.admit(), 5) is True
-    assert state(breaker) is BreakerState.HALF_OPEN
+    assert changes == [(BreakerState.OPEN, Fault.OUTAGE)]
 
 
-async def test_the_latest_requested_resume_time_wins() -> None:
-    clock = ManualClock()
-    breaker = make_breaker(threshold=100, clock=clock)
-    breaker.failed(30.0, probe=False)
-    breaker.failed(5.0, probe=False)  # a shorter request from another caller does not shorten the pause
+async def test_refused_keys_open_it_with_their_own_reason() -> None:
+    breaker, _, changes = make()
+    breaker.succeeded(probe=False)
+    fail_many(breaker, 3, Fault.AUTH)
 
-    clock.now += 10.0
-    early = asyncio.create_task(breaker.admit())
-    await asyncio.sleep(0.02)
-    assert not early.done()
-    await cancel_all([early])
-
-    clock.now += 21.0
-    assert await asyncio.wait_for(breaker.admit(), 5) is True
+    assert changes == [(BreakerState.OPEN, Fault.AUTH)]
 
 
-# --- half-open: one probe ------------------------------------------------------------------------------------------
-
-
-async def _open_with_probe(breaker: Breaker, waiters: int) -> tuple[asyncio.Task[bool], list[asyncio.Task[bool]]]:
-    """Open `breaker` for a short pause, start `waiters` callers and return the one admitted as the probe."""
-    breaker.failed(0.01, probe=False)
-    tasks = start_admits(breaker, waiters)
-    await eventually(lambda: bool(finished(tasks)), "a probe is admitted after the pause")
-    await asyncio.sleep(0.03)  # time enough for a second (wrong) probe to show up
-    done = finished(tasks)
-    assert len(done) == 1, f"{len(done)} callers admitted while half-open"
-    probe = done[0]
-    assert probe.result() is True
-    return probe, [task for task in tasks if task is not probe]
-
-
-async def test_exactly_one_probe_is_admitted_after_the_pause() -> None:
-    breaker = make_breaker(threshold=100)
-
-    _, others = await _open_with_probe(breaker, waiters=5)
-
-    assert state(breaker) is BreakerState.HALF_OPEN
-    assert finished(others) == []
-    await cancel_all(others)
-
-
-async def test_a_caller_arriving_while_half_open_waits_too() -> None:
-    breaker = make_breaker(threshold=100)
-    _, others = await _open_with_probe(breaker, waiters=2)
-
-    late = asyncio.create_task(breaker.admit())
-    await asyncio.sleep(0.02)
-
-    assert not late.done()
-    await cancel_all([*others, late])
-
-
-async def test_probe_success_closes_and_releases_all_waiters() -> None:
-    breaker = make_breaker(threshold=100)
-    _, others = await _open_with_probe(breaker, waiters=5)
-
-    breaker.succeeded()
-
-    assert await asyncio.wait_for(asyncio.gather(*others), 5) == [False] * 4
-    assert state(breaker) is BreakerState.CLOSED
-    assert await breaker.admit() is False
-
-
-async def test_probe_failure_reopens_and_then_admits_one_new_probe() -> None:
-    breaker = make_breaker(threshold=100)  # far above: a probe's failure re-opens on its own
-    _, others = await _open_with_probe(breaker, waiters=5)
-
-    breaker.failed(None, probe=True)
-
-    assert state(breaker) is BreakerState.OPEN
+async def test_open_holds_callers_until_the_pause_ends_then_admits_a_few_probes() -> None:
+    breaker, clock, _ = make()
+    fail_many(breaker, 40)
+    waiting = [asyncio.create_task(breaker.admit()) for _ in range(5)]
     await settle()
-    assert finished(others) == [], "a failed probe must not release the waiters"
+    assert not any(t.done() for t in waiting)
 
-    await eventually(lambda: bool(finished(others)), "a second probe after the new pause")
-    await asyncio.sleep(0.03)
-    second = finished(others)
-    assert len(second) == 1
-    assert second[0].result() is True
+    clock.now += SETTINGS.max_pause_s  # past any pause
+    # The waiters sleep until the pause they saw ends; a new caller finds the pause over at once.
+    assert await admitted(breaker) is True
     assert state(breaker) is BreakerState.HALF_OPEN
+    await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    probes = [t.result() for t in waiting if t.done()]
+    assert probes
+    assert all(probes)
+    assert 1 + len(probes) <= SETTINGS.probes
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
-    breaker.succeeded()
-    rest = [task for task in others if task is not second[0]]
-    assert await asyncio.wait_for(asyncio.gather(*rest), 5) == [False] * 3
 
+async def test_only_a_probe_closes_it_a_late_success_does_not() -> None:
+    breaker, clock, changes = make()
+    fail_many(breaker, 40)
 
-async def test_a_failed_probe_with_retry_after_holds_for_that_long() -> None:
-    breaker = make_breaker(threshold=100)
-    _, others = await _open_with_probe(breaker, waiters=3)
-
-    breaker.failed(LONG, probe=True)
-    await asyncio.sleep(0.05)
-
+    breaker.succeeded(probe=False)  # a call that was in flight before it opened
     assert state(breaker) is BreakerState.OPEN
-    assert finished(others) == []
-    await cancel_all(others)
 
+    clock.now += SETTINGS.max_pause_s
+    assert await admitted(breaker) is True
+    breaker.succeeded(probe=True)
 
-async def test_released_lets_another_probe_through() -> None:
-    breaker = make_breaker(threshold=100, initial_pause_s=LONG, max_pause_s=LONG)
-    _, others = await _open_with_probe(breaker, waiters=4)
-
-    breaker.released()  # the probe was cancelled, or its record was not the API's to judge
-
-    await eventually(lambda: bool(finished(others)), "a new probe after release")
-    await asyncio.sleep(0.03)
-    second = finished(others)
-    assert len(second) == 1
-    assert second[0].result() is True
-    assert state(breaker) is BreakerState.HALF_OPEN
-    await cancel_all([task for task in others if task is not second[0]])
-
-
-async def test_released_without_a_probe_changes_nothing() -> None:
-    breaker = make_breaker()
-
-    breaker.released()
     assert state(breaker) is BreakerState.CLOSED
+    assert changes == [(BreakerState.OPEN, Fault.OUTAGE), (BreakerState.CLOSED, None)]
 
-    breaker.failed(LONG, probe=False)
-    breaker.released()
+
+async def test_all_probes_failing_reopen_it_for_longer() -> None:
+    breaker, clock, changes = make()
+    fail_many(breaker, 40)
+    first_resume = breaker._resume_at
+    clock.now += SETTINGS.max_pause_s
+    for _ in range(SETTINGS.probes):
+        assert await admitted(breaker) is True
+    for _ in range(SETTINGS.probes - 1):
+        breaker.failed(Fault.OUTAGE, probe=True)
+        assert state(breaker) is BreakerState.HALF_OPEN, "one failed probe of three decides nothing"
+    breaker.failed(Fault.OUTAGE, probe=True)
+
     assert state(breaker) is BreakerState.OPEN
+    assert breaker._resume_at - clock.now > 0
+    assert breaker._resume_at > first_resume
+    assert changes == [(BreakerState.OPEN, Fault.OUTAGE)], "re-opening for the same reason is not a new change"
 
 
-async def test_released_with_no_waiters_lets_the_next_caller_probe() -> None:
-    clock = ManualClock()
-    breaker = make_breaker(threshold=1, clock=clock)
-    breaker.failed(10.0, probe=False)
-    clock.now += 11.0
-    assert await breaker.admit() is True
+async def test_a_released_probe_passes_its_turn_on() -> None:
+    breaker, clock, _ = make(BreakerSettings(probes=1, initial_pause_s=1.0))
+    fail_many(breaker, 40)
+    clock.now += 60
+    assert await admitted(breaker) is True
+    second = asyncio.create_task(breaker.admit())
+    await settle()
+    assert not second.done(), "one probe at a time"
 
-    breaker.released()
+    breaker.released(probe=True)
 
-    assert state(breaker) is BreakerState.OPEN
-    assert await asyncio.wait_for(breaker.admit(), 5) is True
+    assert await asyncio.wait_for(second, 5) is True
 
 
-async def test_calls_failing_together_do_not_escalate_the_pause() -> None:
-    # 16 calls were in flight when the destination went down; they all fail within moments.
-    clock = ManualClock()
-    breaker = make_breaker(threshold=1, initial_pause_s=1.0, max_pause_s=LONG, clock=clock)
-    for _ in range(16):
-        breaker.failed(None, probe=False)
+async def test_recent_success_is_what_a_403_is_judged_by() -> None:
+    breaker, clock, _ = make()
+    assert breaker.recent_success() is False
+    breaker.succeeded(probe=False)
+    assert breaker.recent_success() is True
+    clock.now += 11
+    assert breaker.recent_success() is False
 
-    clock.now += 2.0  # well past the first pause (at most initial_pause_s)
-    probe = asyncio.create_task(breaker.admit())
-    await asyncio.sleep(0.02)
 
-    try:
-        assert probe.done(), "still closed to probes long after the first pause should have ended"
-        assert probe.result() is True
-    finally:
-        await cancel_all([probe])
+@pytest.mark.parametrize("fault", list(Fault))
+async def test_an_auth_pause_is_capped_so_a_new_key_is_tried_soon(fault: Fault) -> None:
+    breaker, clock, _ = make(BreakerSettings(initial_pause_s=20.0, max_pause_s=60.0, auth_pause_cap_s=5.0))
+    fail_many(breaker, 40, fault)
+    pause = breaker._resume_at - clock.now
+    if fault is Fault.AUTH:
+        assert pause <= 5.0
+    else:
+        assert pause >= 15.0

@@ -21,15 +21,15 @@ STATUS_TABLE = [
     (202, Verdict.SUCCESS),
     (204, Verdict.SUCCESS),
     (400, Verdict.REJECT),
-    (401, Verdict.REJECT),
+    (401, Verdict.AUTH),
     (402, Verdict.REJECT),
-    (403, Verdict.REJECT),
+    (403, Verdict.FORBIDDEN),
     (405, Verdict.REJECT),
     (413, Verdict.REJECT),
     (422, Verdict.REJECT),
     (408, Verdict.RETRY),
     (425, Verdict.RETRY),
-    (429, Verdict.RETRY),
+    (429, Verdict.THROTTLED),
     (409, Verdict.CONFLICT),
     (500, Verdict.RETRY),
     (502, Verdict.RETRY),
@@ -69,9 +69,21 @@ def test_x_should_retry_true_makes_any_failure_retryable(status: int, endpoint: 
 
 
 @pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
-@pytest.mark.parametrize("status", [404, 408, 409, 429, 500, 503, 529])
+@pytest.mark.parametrize("status", [404, 408, 409, 500, 503, 529])
 def test_x_should_retry_false_makes_any_failure_permanent(status: int, endpoint: Endpoint) -> None:
     assert classify(status, endpoint, {"x-should-retry": "false"}) is Verdict.REJECT
+
+
+@pytest.mark.parametrize("endpoint", ALL_ENDPOINTS, ids=str)
+@pytest.mark.parametrize(
+    ("status", "verdict"), [(401, Verdict.AUTH), (403, Verdict.FORBIDDEN), (429, Verdict.THROTTLED)]
+)
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_x_should_retry_never_overrides_the_destination_states(
+    status: int, verdict: Verdict, value: str, endpoint: Endpoint
+) -> None:
+    # A refused key or a rate limit is the API's own state: never a reason to dead-letter a record.
+    assert classify(status, endpoint, {"x-should-retry": value}) is verdict
 
 
 @pytest.mark.parametrize("value", ["true", "false"])

@@ -1,15 +1,16 @@
-"""PartitionWorker without Kafka: same-key records run in offset order, different keys overlap, and
-the per-partition and shared in-flight bounds both hold."""
+"""PartitionWorker without Kafka: same-key records run in offset order, different keys overlap, the
+per-partition and shared in-flight bounds both hold, and a parked record (or one waiting behind its key)
+holds no slot while still holding the commit point."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 
 from aiokafka import TopicPartition
 
 from service.consumer import ConsumerLoop, PartitionWorker
-from service.records import SourceRecord, Work
+from service.records import Lender, SourceRecord, Work
 from service.slots import Slots
 
 
@@ -31,7 +32,7 @@ class _Probe:
         self.order: list[int] = []
 
     async def prepare(self, record: SourceRecord) -> Work:
-        return Work(key=self.keys[record.offset], start=lambda: asyncio.ensure_future(self._run(record.offset)))
+        return Work(key=self.keys[record.offset], start=lambda lender: asyncio.ensure_future(self._run(record.offset)))
 
     async def _run(self, offset: int) -> None:
         self.running += 1
@@ -104,7 +105,7 @@ class _Outcomes:
         self.started = asyncio.Event()
 
     async def prepare(self, record: SourceRecord) -> Work:
-        def start() -> asyncio.Future[None]:
+        def start(lender: Lender) -> asyncio.Future[None]:
             future = self.futures[record.offset] = asyncio.get_running_loop().create_future()
             self.started.set()
             return future
@@ -189,7 +190,7 @@ async def test_stop_cancels_a_same_key_chain_and_frees_every_slot() -> None:
     await asyncio.wait_for(_started(keyed, 1), 5)
     await _settled()
     assert list(keyed.futures) == [0]  # the others wait for it, unstarted
-    assert shared.free == 0
+    assert shared.free == 2, "records waiting behind their key hold no slot"
 
     await worker.stop(0.01)
 
@@ -200,7 +201,7 @@ async def test_stop_cancels_a_same_key_chain_and_frees_every_slot() -> None:
 
 async def test_a_start_that_raises_stops_the_loop_without_keeping_its_slots() -> None:
     async def prepare(record: SourceRecord) -> Work:
-        def start() -> asyncio.Future[None]:
+        def start(lender: Lender) -> asyncio.Future[None]:
             raise RuntimeError("a bug in start")
 
         return Work(key=None, start=start)
@@ -214,3 +215,79 @@ async def test_a_start_that_raises_stops_the_loop_without_keeping_its_slots() ->
     assert [str(e) for e in loop.failures] == ["a bug in start"]
     assert shared.free == 2
     await worker.stop(0.01)
+
+
+class _Parker:
+    """Records that park until the test releases them (as a not-yet update waits), and records that just run."""
+
+    def __init__(self, keys: Mapping[int, Hashable], parking: set[int]) -> None:
+        self.keys = keys
+        self.parking = parking
+        self.release = asyncio.Event()
+        self.parked = asyncio.Event()
+        self.done: list[int] = []
+
+    async def prepare(self, record: SourceRecord) -> Work:
+        return Work(
+            key=self.keys[record.offset], start=lambda lender: asyncio.ensure_future(self._run(record.offset, lender))
+        )
+
+    async def _run(self, offset: int, lender: Lender) -> None:
+        if offset in self.parking:
+            lender.park(offset)
+            self.parked.set()
+            await self.release.wait()
+            await lender.resume(offset)
+        self.done.append(offset)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():  # noqa: ASYNC110  # the worker has no event to await
+        await asyncio.sleep(0.001)
+
+
+async def test_a_parked_record_gives_its_slot_to_other_keys_and_holds_the_commit_point() -> None:
+    # One slot only: without parking, offset 0 would hold it and nothing else could run.
+    parker = _Parker({o: o for o in range(10)}, parking={0})
+    shared = Slots(1)
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, shared, _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 10))
+
+    await asyncio.wait_for(_until(lambda: len(parker.done) == 9), 10)
+    assert worker.parked == 1
+    assert worker.tracker.committable() is None, "the parked record still holds the commit point"
+
+    parker.release.set()
+    await asyncio.wait_for(_until(lambda: worker.tracker.committable() == 10), 10)
+    assert parker.done[-1] == 0
+    assert worker.parked == 0
+    assert shared.free == 1
+    await worker.stop(1)
+
+
+async def test_later_records_of_a_parked_key_wait_behind_it_without_slots() -> None:
+    keys = {o: ("k" if o in (0, 3, 6) else o) for o in range(10)}
+    parker = _Parker(keys, parking={0})
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, Slots(1), _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 10))
+
+    await asyncio.wait_for(_until(lambda: len(parker.done) == 7), 10)
+    assert sorted(parker.done) == [1, 2, 4, 5, 7, 8, 9], "other keys flowed past the parked key's records"
+
+    parker.release.set()
+    await asyncio.wait_for(_until(lambda: worker.tracker.committable() == 10), 10)
+    assert [o for o in parker.done if keys[o] == "k"] == [0, 3, 6]
+    await worker.stop(1)
+
+
+async def test_a_record_cancelled_while_parked_frees_nothing_twice() -> None:
+    parker = _Parker(dict.fromkeys(range(3)), parking={0, 1, 2})
+    shared = Slots(2)
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 2, shared, _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 3))
+    await asyncio.wait_for(_until(lambda: worker.parked == 3), 10)
+
+    await worker.stop(0.01)
+
+    assert shared.free == 2
+    assert worker.tracker.committable() is None

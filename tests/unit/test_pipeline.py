@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from service.batching import Batcher
-from service.breaker import Breaker
+from service.breaker import BreakerSettings
 from service.deadletter import DeadLetter, DeadLetterWriter, Redactor
-from service.delivery import Delivery
+from service.delivery import Delivery, build_guard
 from service.errors import DeadLetterWriteError, DecodeError, RegistryUnavailable, RouteError, TransientError
 from service.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
 from service.httpclient import HttpxClient
@@ -108,6 +108,37 @@ class Api:
         return step
 
 
+class Key:
+    """A fixed API key (no file behind it)."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def reload(self) -> bool:
+        return False
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _x_api_key(key: str) -> dict[str, str]:
+    return {"x-api-key": key}
+
+
+class _NoParking:
+    """The consumer loop's lender, for records that never wait (these tests' APIs never answer "not yet")."""
+
+    def park(self, offset: int) -> None:
+        raise AssertionError("no record here parks")
+
+    async def resume(self, offset: int) -> None:
+        raise AssertionError("no record here parks")
+
+
+LENDER = _NoParking()
+
+
 class Bench:
     def __init__(
         self,
@@ -123,18 +154,19 @@ class Bench:
         self.metrics = Metrics()
         settings = DeliverySettings(initial_backoff_s=0.001, max_backoff_s=0.01, conflict_retries=0)
         rng = random.Random(9)
-        breakers = {
-            dest: Breaker(dest.value, threshold=3, initial_pause_s=0.001, max_pause_s=0.01, rng=rng)
-            for dest in Destination
+        fast = BreakerSettings(initial_pause_s=0.001, max_pause_s=0.01)
+        guards = {
+            Destination.OPENLAYER: build_guard(
+                Destination.OPENLAYER, settings, Key(OL_KEY), _bearer, rng=rng, breaker=fast
+            ),
+            Destination.HUMANLOOP: build_guard(
+                Destination.HUMANLOOP, settings, Key(HL_KEY), _x_api_key, rng=rng, breaker=fast
+            ),
         }
         delivery = Delivery(
             MockedHttpxClient(api),
             settings,
-            {
-                Destination.OPENLAYER: {"authorization": f"Bearer {OL_KEY}"},
-                Destination.HUMANLOOP: {"x-api-key": HL_KEY},
-            },
-            breakers,
+            guards,
             rng=rng,
             metrics=self.metrics,
             wall_clock=lambda: 1_800_000_000.0,
@@ -175,7 +207,7 @@ class Bench:
     async def process(self, record: SourceRecord) -> Hashable:
         """Prepare and run `record` as the consumer loop would; returns the work's ordering key."""
         work = await self.pipeline.prepare(record)
-        await work.start()
+        await work.start(LENDER)
         return work.key
 
     def counted(self, name: str, **labels: str) -> float | None:
@@ -251,7 +283,7 @@ async def test_rows_running_together_share_one_call_in_offset_order() -> None:
     b = bench(*events)
     works = [await b.pipeline.prepare(record(offset=offset)) for offset in range(5)]
 
-    await asyncio.gather(*(work.start() for work in works))
+    await asyncio.gather(*(work.start(LENDER) for work in works))
 
     [request] = b.api.requests
     assert [row["n"] for row in json.loads(request.content)["rows"]] == [0, 1, 2, 3, 4]
@@ -269,7 +301,7 @@ async def test_in_a_shared_call_only_the_refused_row_is_dead_lettered() -> None:
     b = bench(*events, api=Api(handler=api))
     works = [await b.pipeline.prepare(record(offset=offset)) for offset in range(4)]
 
-    await asyncio.gather(*(work.start() for work in works))
+    await asyncio.gather(*(work.start(LENDER) for work in works))
 
     [letter] = b.producer.acknowledged
     headers = {name: value.decode() for name, value in letter.headers}
@@ -286,7 +318,7 @@ async def test_prepare_only_decides_and_run_makes_the_call() -> None:
     work = await b.pipeline.prepare(record())
     assert b.api.requests == []
 
-    await work.start()
+    await work.start(LENDER)
     assert len(b.api.requests) == 1
 
 
@@ -458,7 +490,7 @@ async def test_a_dead_letter_that_is_never_acknowledged_stops_the_work() -> None
     work = await b.pipeline.prepare(record())
 
     with pytest.raises(DeadLetterWriteError):
-        await work.start()
+        await work.start(LENDER)
 
     assert b.producer.acknowledged == []
 
@@ -471,7 +503,7 @@ async def test_a_bug_in_a_batch_dead_letters_its_rows_as_internal_errors_with_th
 ) -> None:
     b = bench(PUBLISH, api=Api(RuntimeError("the sink's client blew up")))
 
-    await (await b.pipeline.prepare(record())).start()
+    await (await b.pipeline.prepare(record())).start(LENDER)
 
     assert b.dead_letter()["bridge.reason"] == "internal-error"
     [logged] = [r for r in caplog.records if r.getMessage() == "unexpected error publishing a record"]
@@ -483,7 +515,7 @@ async def test_a_row_cancelled_before_its_batch_is_refused_starts_no_dead_letter
     b = bench(PUBLISH, api=Api(httpx.Response(422, json={"code": 422, "error": "bad row"})))
     work = await b.pipeline.prepare(record())
 
-    outcome = work.start()
+    outcome = work.start(LENDER)
     outcome.cancel()  # a stop or revoke before the batch was answered: the record will be read again
     await _batches_sent(b)
 
@@ -495,7 +527,7 @@ async def test_cancelling_a_refused_row_cancels_its_dead_letter_write() -> None:
     gate = asyncio.Event()
     refusal = httpx.Response(422, json={"code": 422, "error": "bad row"})
     b = bench(PUBLISH, api=Api(refusal), producer=FakeProducer(gate=gate))
-    outcome = (await b.pipeline.prepare(record())).start()
+    outcome = (await b.pipeline.prepare(record())).start(LENDER)
     await asyncio.wait_for(b.producer.sending.wait(), 5)  # the dead-letter write is under way
 
     outcome.cancel()
