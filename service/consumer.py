@@ -42,6 +42,8 @@ class LoopSettings:
     drain_timeout_s: float
     max_poll_records: int
     poll_timeout_ms: int = 200
+    commit_after_records: int = 1000
+    """Commit before the timer once a partition's done prefix moved this far: a kill repeats less."""
 
 
 class PartitionWorker:
@@ -242,6 +244,10 @@ class ConsumerLoop:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; raises `FatalError` after a clean drain if a record failed fatally."""
         next_commit = time.monotonic() + self._settings.commit_interval_s
+        # Early commits (a done prefix that moved far) wait this long after the last one, so a
+        # commit that keeps failing is retried at a steady pace rather than on every poll.
+        early_gap = min(0.1, self._settings.commit_interval_s)
+        last_commit = time.monotonic()
         try:
             while not stop.is_set() and self._fatal is None:
                 self.health.heartbeat()
@@ -253,10 +259,12 @@ class ConsumerLoop:
                         self._worker(tp).push([to_source_record(r) for r in records])
                         self._metrics.consumed.labels(tp.topic).inc(len(records))
                 self._apply_backpressure()
-                if time.monotonic() >= next_commit:
+                now = time.monotonic()
+                if now >= next_commit or (now >= last_commit + early_gap and self._prefix_moved()):
                     await self._commit(self._workers)
                     self._observe()
-                    next_commit = time.monotonic() + self._settings.commit_interval_s
+                    last_commit = time.monotonic()
+                    next_commit = last_commit + self._settings.commit_interval_s
         finally:
             self.health.stopping = True
             await self.release(list(self._workers))
@@ -274,6 +282,15 @@ class ConsumerLoop:
             )
             self._workers[tp] = worker
         return worker
+
+    def _prefix_moved(self) -> bool:
+        """Whether some partition's done prefix moved `commit_after_records` past its last commit."""
+        step = self._settings.commit_after_records
+        for tp, worker in self._workers.items():
+            done = worker.tracker.committable()
+            if done is not None and done - self._committed.get(tp, done - step) >= step:
+                return True
+        return False
 
     def _apply_backpressure(self) -> None:
         limit = self._settings.max_buffered_per_partition

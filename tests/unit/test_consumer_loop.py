@@ -1,0 +1,146 @@
+"""ConsumerLoop without a broker: a stand-in consumer with aiokafka's method names hands out records and records
+the loop's commits, pauses and resumes. The end-to-end behaviour on a real broker is in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from service.consumer import ConsumerLoop, LoopSettings
+from service.health import HealthState
+from service.metrics import Metrics
+from service.records import Lender, SourceRecord, Work
+
+TP = TopicPartition("t", 0)
+
+
+class FakeConsumer:
+    """Serves queued batches from getmany; every commit, pause and resume is recorded."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[ConsumerRecord[bytes, bytes]]] = []
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.committed = asyncio.Event()
+        self.paused: set[TopicPartition] = set()
+
+    def subscribe(self, topics: Sequence[str], listener: Any) -> None:
+        pass
+
+    def unsubscribe(self) -> None:
+        pass
+
+    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, list[Any]]:
+        await asyncio.sleep(0.001)
+        if self.batches:
+            return {TP: self.batches.pop(0)}
+        return {}
+
+    def assignment(self) -> Collection[TopicPartition]:
+        return {TP}
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+        self.committed.set()
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp)
+
+    def resume(self, tp: TopicPartition) -> None:
+        self.paused.discard(tp)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return None
+
+
+def records(start: int, count: int) -> list[ConsumerRecord[bytes, bytes]]:
+    return [ConsumerRecord("t", 0, o, 0, 0, None, b"v", None, 0, 1, ()) for o in range(start, start + count)]
+
+
+async def done_at_once(record: SourceRecord) -> Work:
+    def start(lender: Lender) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    return Work(key=None, start=start)
+
+
+def loop_over(consumer: FakeConsumer, **settings: Any) -> ConsumerLoop:
+    values: dict[str, Any] = {
+        "max_in_flight_per_partition": 256,
+        "max_in_flight_total": 4096,
+        "max_buffered_per_partition": 5000,
+        "commit_interval_s": 3600.0,  # the timer never fires here: only the moved prefix can commit
+        "drain_timeout_s": 1.0,
+        "max_poll_records": 500,
+        "commit_after_records": 1000,
+    }
+    return ConsumerLoop(
+        consumer,
+        done_at_once,
+        LoopSettings(**{**values, **settings}),
+        Metrics(),
+        HealthState(stale_after_s=60),
+    )
+
+
+async def test_a_done_prefix_that_moved_far_is_committed_before_the_timer() -> None:
+    consumer = FakeConsumer()
+    consumer.batches = [records(0, 500), records(500, 500), records(1000, 500)]
+    loop = loop_over(consumer)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+
+    await asyncio.wait_for(consumer.committed.wait(), 10)
+
+    assert consumer.commits[0][TP] >= 1000
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert consumer.commits[-1] == {TP: 1500}, "the stop commits the rest"
+
+
+async def test_a_full_backlog_pauses_the_partition_and_half_of_it_resumes_it() -> None:
+    consumer = FakeConsumer()
+    consumer.batches = [records(0, 100)]
+    outcomes: dict[int, asyncio.Future[None]] = {}
+    started = asyncio.Event()
+
+    async def held(record: SourceRecord) -> Work:
+        def start(lender: Lender) -> asyncio.Future[None]:
+            outcomes[record.offset] = asyncio.get_running_loop().create_future()
+            started.set()
+            return outcomes[record.offset]
+
+        return Work(key=None, start=start)
+
+    loop = ConsumerLoop(
+        consumer,
+        held,
+        LoopSettings(
+            max_in_flight_per_partition=256,
+            max_in_flight_total=4096,
+            max_buffered_per_partition=100,
+            commit_interval_s=3600.0,
+            drain_timeout_s=0.01,
+            max_poll_records=500,
+        ),
+        Metrics(),
+        HealthState(stale_after_s=60),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    while TP not in consumer.paused:  # noqa: ASYNC110  # the fake has no event for "paused"
+        await asyncio.sleep(0.001)
+
+    for offset in range(50):
+        outcomes[offset].set_result(None)
+    while TP in consumer.paused:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert consumer.commits[-1] == {TP: 50}
