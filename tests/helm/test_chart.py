@@ -3,12 +3,17 @@
 Two value sets: the defaults with only the required values, and tests/helm/values-full.yaml with every feature
 on and every setting set. The rendered environment is fed back to the service's own `load_settings`, so a
 setting the chart misses, misspells or formats wrongly fails here, not at a pod's start; alert expressions are
-checked against the metrics `service.metrics` really exports. helm comes from `make helm` (.cache/bin/helm):
-without it these tests fail, they never skip.
+checked against the metrics `service.metrics` really exports. Every rendered object is validated strictly
+(no unknown field) against the Kubernetes 1.27, 1.31 and 1.34 API schemas that PyPI's kubernetes-validate ships,
+offline; custom resources (KEDA, Prometheus Operator) have no schema there and are skipped by name. helm comes
+from `make helm` (.cache/bin/helm): without it these tests fail, they never skip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import math
 import re
 import subprocess
@@ -17,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
@@ -35,6 +41,24 @@ RELEASE = "test"
 REQUIRED = ("--set", "config.kafka.bootstrapServers=kafka:9092", "--set", "secrets.existingSecret=bridge-keys")
 # A fixed cluster version: what the chart renders must not depend on how helm was built.
 KUBE_VERSION = "1.31.0"
+# The oldest the chart supports (Chart.yaml kubeVersion), one in the middle, and the newest helm v3.19 knows.
+SCHEMA_KUBE_VERSIONS = ("1.27", "1.31", "1.34")
+# Custom resources: kubernetes-validate ships the built-in API only. Skipped by name (and only these: any
+# other object without a schema fails); the tests below check their content.
+CUSTOM_RESOURCES = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+# The value sets whose objects are validated: the defaults, the full values, and the full values with the CPU/
+# memory HPA in place of KEDA (the only way the HorizontalPodAutoscaler is rendered with every setting).
+HPA_INSTEAD_OF_KEDA = ("--set", "keda.enabled=false", "--set", "autoscaling.enabled=true")
+VALUE_SETS: dict[str, tuple[str, ...]] = {
+    "default": REQUIRED,
+    "full": ("-f", str(FULL_VALUES)),
+    "full-hpa": ("-f", str(FULL_VALUES), *HPA_INSTEAD_OF_KEDA),
+}
 SERVICE_DEFAULT_DRAIN_S = 20.0
 
 Manifest = dict[str, Any]
@@ -51,12 +75,12 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False, timeout=120)
 
 
-def template(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *args)
+def template(*args: str, kube_version: str = KUBE_VERSION) -> subprocess.CompletedProcess[str]:
+    return run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube_version, *args)
 
 
-def render(*args: str) -> list[Manifest]:
-    result = template(*args)
+def render(*args: str, kube_version: str = KUBE_VERSION) -> list[Manifest]:
+    result = template(*args, kube_version=kube_version)
     assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
     docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     for doc in docs:
@@ -207,6 +231,12 @@ def full_docs() -> list[Manifest]:
 @pytest.fixture(scope="module", params=["default", "full"])
 def docs(request: pytest.FixtureRequest, default_docs: list[Manifest], full_docs: list[Manifest]) -> list[Manifest]:
     return default_docs if request.param == "default" else full_docs
+
+
+@functools.cache
+def rendered_for(values: str, kube: str) -> list[Manifest]:
+    """A value set of VALUE_SETS rendered for a Kubernetes minor version (cached: collection and tests share it)."""
+    return render(*VALUE_SETS[values], kube_version=f"{kube}.0")
 
 
 # --- what is rendered ----------------------------------------------------------------------------------------
@@ -515,6 +545,89 @@ def test_pod_disruption_budget_selects_the_pods(docs: list[Manifest]) -> None:
     assert ("maxUnavailable" in pdb["spec"]) != ("minAvailable" in pdb["spec"])
 
 
+def _scaled(budget: int | str, pods: int) -> int:
+    """A budget value for `pods` pods, as the disruption controller reads it: percentages round up."""
+    if isinstance(budget, str) and budget.endswith("%"):
+        return math.ceil(int(budget[:-1]) * pods / 100)
+    return int(budget)
+
+
+def fewest_pods(docs: Iterable[Manifest]) -> int:
+    """The fewest pods the rendered Deployment may run, whoever owns the replica count."""
+    docs = list(docs)
+    for scaled in by_kind(docs, "ScaledObject"):
+        # KEDA's 0 is "idle": scaled to zero, nothing to drain; when it runs, it may run one pod.
+        return max(1, int(scaled["spec"].get("minReplicaCount", 0)))
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
+        return int(hpa["spec"].get("minReplicas", 1))
+    return int(one(docs, "Deployment")["spec"]["replicas"])
+
+
+def evictable(pdb: Manifest, pods: int) -> int:
+    spec = pdb["spec"]
+    if "minAvailable" in spec:
+        return pods - _scaled(spec["minAvailable"], pods)
+    return min(pods, _scaled(spec["maxUnavailable"], pods))
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS))
+def test_pod_disruption_budget_never_blocks_a_node_drain(values: str) -> None:
+    docs = rendered_for(values, KUBE_VERSION.rsplit(".", 1)[0])
+    pods = fewest_pods(docs)
+    assert evictable(one(docs, "PodDisruptionBudget"), pods) >= 1, f"{values}: no pod evictable at {pods} pod(s)"
+
+
+@pytest.mark.parametrize(
+    ("args", "floor"),
+    [
+        (("--set", "replicaCount=1"), "replicaCount"),
+        (("--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=1"), "autoscaling.minReplicas"),
+        (("--set", "keda.enabled=true", "--set", "keda.minReplicaCount=0"), "keda.minReplicaCount"),
+        (("--set", "keda.enabled=true", "--set", "keda.minReplicaCount=1"), "keda.minReplicaCount"),
+    ],
+)
+def test_min_available_at_the_scalers_floor_is_refused(args: tuple[str, ...], floor: str) -> None:
+    error = render_error(*REQUIRED, "--set", "podDisruptionBudget.minAvailable=1", *args)
+    assert "podDisruptionBudget.minAvailable 1 blocks node drains" in error
+    assert f"with {floor} the Deployment may run only 1 pod(s)" in error
+
+
+def test_the_full_values_with_an_hpa_at_one_replica_are_refused() -> None:
+    # The combination the full values used to allow: the HPA's default floor of 1 under minAvailable: 1.
+    error = render_error("-f", str(FULL_VALUES), *HPA_INSTEAD_OF_KEDA, "--set", "autoscaling.minReplicas=1")
+    assert "blocks node drains" in error
+
+
+@pytest.mark.parametrize(
+    ("budget", "replicas", "allowed"),
+    [
+        ("minAvailable=1", 2, True),
+        ("minAvailable=50%", 2, True),
+        ("minAvailable=51%", 2, False),
+        ("minAvailable=2", 2, False),
+        ("minAvailable=3", 4, True),
+        ("maxUnavailable=1", 1, True),
+        ("maxUnavailable=1%", 1, True),
+        ("maxUnavailable=0", 3, False),
+        ("maxUnavailable=0%", 3, False),
+    ],
+)
+def test_budgets_are_checked_as_kubernetes_counts_them(budget: str, replicas: int, allowed: bool) -> None:
+    args = (*REQUIRED, "--set", f"podDisruptionBudget.{budget}", "--set", f"replicaCount={replicas}")
+    if allowed:
+        docs = render(*args)
+        assert evictable(one(docs, "PodDisruptionBudget"), fewest_pods(docs)) >= 1
+    else:
+        assert "blocks node drains" in render_error(*args)
+
+
+def test_min_available_below_the_scalers_floor_is_rendered() -> None:
+    hpa = ("--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=2")
+    docs = render(*REQUIRED, "--set", "podDisruptionBudget.minAvailable=1", *hpa)
+    assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    assert one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] == 2
+
+
 def test_hpa_is_optional_and_owns_the_replica_count() -> None:
     docs = render(*REQUIRED, "--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=4")
     hpa = one(docs, "HorizontalPodAutoscaler")
@@ -682,3 +795,73 @@ def test_helm_lint_is_clean(values: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     findings = [line for line in result.stdout.splitlines() if re.match(r"\[(WARNING|ERROR)\]", line.strip())]
     assert not findings, findings
+
+
+# --- Kubernetes API schemas ----------------------------------------------------------------------------------
+
+
+def _schema_cases() -> list[Any]:
+    """One case per rendered object, value set and Kubernetes version, named `<values>-k8s<version>-<Kind>/<name>`.
+
+    Rendered at collection so each object is a test of its own. A render that fails here becomes one case that
+    renders again in the test and fails with helm's message (chart tests never skip).
+    """
+    cases = []
+    for values in VALUE_SETS:
+        for kube in SCHEMA_KUBE_VERSIONS:
+            docs: list[Manifest] = []
+            if HELM.exists():
+                with contextlib.suppress(AssertionError, subprocess.SubprocessError):
+                    docs = rendered_for(values, kube)
+            if not docs:
+                cases.append(pytest.param(values, kube, -1, id=f"{values}-k8s{kube}-render"))
+            for index, doc in enumerate(docs):
+                name = f"{doc['kind']}/{doc['metadata']['name']}"
+                cases.append(pytest.param(values, kube, index, id=f"{values}-k8s{kube}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize(("values", "kube", "index"), _schema_cases())
+def test_rendered_objects_are_valid_kubernetes_objects(values: str, kube: str, index: int) -> None:
+    docs = rendered_for(values, kube)
+    assert index >= 0, "rendered now but not at collection: run the tests again"
+    doc = docs[index]
+    api_version, kind, name = doc["apiVersion"], doc["kind"], doc["metadata"]["name"]
+    if (api_version, kind) in CUSTOM_RESOURCES:
+        pytest.skip(f"custom resource {kind} ({api_version}) {name}: kubernetes-validate has no schema for it")
+    try:
+        validated = kubernetes_validate.validate(doc, kube, strict=True)
+    except kubernetes_validate.SchemaNotFoundError:
+        pytest.fail(f"{kind} {api_version} is not served by Kubernetes {kube} (removed or misspelled?)", pytrace=False)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(part) for part in error.path) or "(root)"
+        pytest.fail(f"{kind}/{name} is invalid for Kubernetes {kube} at {path}: {error.message}", pytrace=False)
+    # The schema of that very version, not an older one it fell back to.
+    assert validated == kube
+
+
+def test_schemas_cover_every_built_in_kind_the_chart_renders() -> None:
+    kinds = {
+        (doc["apiVersion"], doc["kind"])
+        for values in VALUE_SETS
+        for kube in SCHEMA_KUBE_VERSIONS
+        for doc in rendered_for(values, kube)
+    }
+    assert kinds - CUSTOM_RESOURCES == {
+        ("apps/v1", "Deployment"),
+        ("v1", "Service"),
+        ("v1", "ServiceAccount"),
+        ("policy/v1", "PodDisruptionBudget"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler"),
+        ("networking.k8s.io/v1", "NetworkPolicy"),
+    }
+    assert kinds >= CUSTOM_RESOURCES, "a custom resource listed as skipped is no longer rendered: drop it"
+
+
+@pytest.mark.parametrize("kube", SCHEMA_KUBE_VERSIONS)
+def test_strict_schema_rejects_an_unknown_field(kube: str) -> None:
+    # Without strict schemas a misspelled field (here imagePullPolice) is accepted and silently ignored.
+    deployment = copy.deepcopy(one(rendered_for("default", kube), "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError, match="imagePullPolice"):
+        kubernetes_validate.validate(deployment, kube, strict=True)
