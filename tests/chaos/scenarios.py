@@ -6,15 +6,28 @@ and what the dead-letter topics hold against what was produced.
 Every produced record has a unique id (its Kafka key, also carried in the body its API receives: the `chaos_id`
 column of a row, the `output` of a log update), so the accounting is set logic, not arithmetic on counts:
 
-    delivered      records with at least one 200 from their API
-    dead_lettered  records with at least one dead letter (by Kafka key, checked against the origin headers)
-    duplicates     extra 200s for a record plus extra dead letters for a record
-    lost           produced records that are neither delivered nor dead-lettered
+    delivered               records with at least one 200 from their API
+    dead_lettered           records with at least one dead letter (by Kafka key, checked against the origin headers)
+    valid_dead_lettered     of those, records that were not planted poison (always a failure)
+    duplicate_deliveries    extra 200s for a record (a record delivered 3 times counts 2)
+    duplicate_dead_letters  extra dead letters for a record
+    duplicates              the sum of the two
+    lost                    produced records that are neither delivered nor dead-lettered
 
 A scenario passes when nothing is lost, the dead-lettered records are exactly the poison the workload planted,
-and no invariant broke: each dead letter carries the reason its kind of poison calls for, every key's first
-deliveries arrive in produced order, a row published without an inference id keeps one id across redeliveries,
-and every service process the scenario did not kill exits 0 on SIGTERM. What broke is reported as `problems`.
+and no invariant broke: each dead letter carries the reason its kind of poison calls for, every update key's first
+deliveries arrive in produced order (row updates per pipeline and inference id, log updates per reference id;
+published rows carry their own ids and timestamps, so publish calls may overtake each other), a row published
+without an inference id keeps one id across redeliveries, and every service process the scenario did not kill
+exits 0 on SIGTERM. What broke is reported as `problems`.
+
+The fault scenarios that measure speed (hangs, rate-limit, not-yet, latency-step, auth-revoked, mixed) also print
+figures with their targets (`share=0.83 target=0.5`) and fail when one is missed. A `share` compares with a
+healthy run of the same records: the same workload (same seed, same record ids) on fresh topics, group and fake
+APIs, with no faults, measured the same way, in the same invocation. Rates are taken from when production starts
+(the service is already running and has its partitions) to when the fake API first answered 200 for the records
+counted. Every scenario runs the service with its default delivery settings (no BRIDGE_DELIVERY__* variable); the
+harness only shortens Kafka's session timeout and commit interval, so a killed member is noticed in seconds.
 """
 
 from __future__ import annotations
@@ -22,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
+import os
 import random
 import subprocess
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -39,7 +54,19 @@ from tests.integration.cases import HUMANLOOP_KEY, OPENLAYER_KEY, is_marked
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import BridgeProcess, Topics, bridge_environment
-from tests.support.fake_apis import DownMode, Endpoint, FakeApiServer, Fault, ReceivedRequest
+from tests.support.fake_apis import (
+    API_OF,
+    APIS,
+    NOT_YET,
+    RATE_LIMITED,
+    Api,
+    DownMode,
+    Endpoint,
+    FakeApiServer,
+    Fault,
+    ReceivedRequest,
+    not_yet_chosen,
+)
 from tests.support.fake_registry import FakeSchemaRegistry
 from tests.support.kafka_broker import LocalKafkaBroker, create_topics
 from tests.support.kafka_io import all_committed, produce, read_all
@@ -56,8 +83,10 @@ ROW_UPDATE_CONFIG: Final = {"ground_truth_column_name": "ground_truth"}
 UNKNOWN_SCHEMA_ID: Final = 90_001
 """A Confluent schema id the fake registry never hands out."""
 INFERENCE_SHARE: Final = 0.5
-"""Share of new inferences in a workload. Rows travel in batches while every update is a call of its own, so the
-update topics set a scenario's length; on a busy 2-core machine the service manages about 100 calls a second."""
+"""Share of new inferences in a workload, unless a scenario says otherwise. Rows travel in batches while every
+update is a call of its own, so the update topics set a scenario's length."""
+DEFAULT_RECORDS: Final = 21_000
+"""Records of a scenario that names no size of its own."""
 CONFLUENT_SHARE: Final = 0.2
 """Share of valid records written Confluent-framed (with the registered schema) rather than as plain Avro."""
 
@@ -89,7 +118,8 @@ POISON_KINDS: Final[Mapping[str, tuple[str, ...]]] = {
 Identity = tuple[str, ...]
 """What one API call says about one record: (endpoint, [addressed key,] chaos id)."""
 OrderKey = tuple[str, str]
-"""(endpoint, the service's ordering key): the pipeline for rows, pipeline/inference id, reference id."""
+"""(endpoint, the service's ordering key): pipeline/inference id for a row update, the reference id for a log
+update. Published rows have none: their calls need no order among themselves."""
 
 
 # -- the workload ----------------------------------------------------------------------------------------------
@@ -108,7 +138,7 @@ class Sent:
     identity: Identity | None
     """What a 200 for this record looks like; None when the record can never reach its API."""
     order: tuple[OrderKey, int] | None
-    """(ordering key, position among that key's records); None for poison."""
+    """(ordering key, position among that key's records); None for published rows and poison."""
     inference_id: str | None = None
     """For a published row: the id it must carry; None when the service derives one."""
     poison: str | None = None
@@ -117,6 +147,13 @@ class Sent:
     @property
     def reasons(self) -> frozenset[str]:
         return POISON_REASONS[self.poison] if self.poison is not None else frozenset()
+
+    @property
+    def update_id(self) -> str | None:
+        """The id an update's call addresses (the row's inference id, the log's reference id); None otherwise."""
+        if self.identity is None or self.kind == "inference" or self.poison is not None:
+            return None
+        return self.identity[1]
 
 
 class WorkloadBuilder:
@@ -189,11 +226,10 @@ class WorkloadBuilder:
             rid=rid,
             kind="inference",
             topic=self._topics["inference"],
-            # One pipeline, one partition: its rows are ordered, and the order can be checked.
-            partition=which % self._partitions,
+            partition=which % self._partitions,  # one pipeline, one partition, as a producer keyed by pipeline would
             value=self._encode("inference", datum),
             identity=("publish", rid),
-            order=(("publish", pipeline), index),  # any increasing number will do as a position
+            order=None,  # publish calls of one pipeline may run in parallel: no order to check
             inference_id=inference_id,
         )
 
@@ -325,28 +361,92 @@ class Letter:
 
 
 @dataclass(frozen=True, slots=True)
+class Figure:
+    """A measured figure of a scenario, printed in its result line as `name=value` and, with a target,
+    `target_name=target`; a missed target fails the scenario."""
+
+    name: str
+    value: float
+    target: float | None = None
+    at_most: bool = False
+    """The target is a ceiling (429 share, seconds) rather than a floor (a share of the healthy rate)."""
+    target_name: str | None = None
+    """How the target is printed; default `target_<name>`."""
+    digits: int = 2
+    bound: bool = False
+    """The measurement gave up before its end: `value` is a bound (an upper one for a floor target), printed
+    with `<` (or `>`) in front."""
+
+    @property
+    def met(self) -> bool:
+        if self.target is None:
+            return True
+        if self.bound:  # the measurement gave up: the target was not shown to be met
+            return False
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+    @property
+    def shown(self) -> str:
+        """The value as printed: with `<` or `>` in front when it is a bound."""
+        sign = (">" if self.at_most else "<") if self.bound else ""
+        return f"{sign}{self.value:.{self.digits}f}"
+
+    def text(self) -> str:
+        out = f"{self.name}={self.shown}"
+        if self.target is not None:
+            out += f" {self.target_name or 'target_' + self.name}={'<=' if self.at_most else ''}{self.target:g}"
+        return out
+
+    def miss(self) -> str | None:
+        if self.met or self.target is None:
+            return None
+        relation = "above its ceiling" if self.at_most else "below its target"
+        return f"{self.name} {self.shown} is {relation} {self.target:g}"
+
+
+@dataclass(frozen=True, slots=True)
 class ScenarioResult:
     name: str
     produced: int
-    delivered: int
-    duplicates: int
-    dead_lettered: int
-    expected_dead_lettered: int
-    lost: int
+    delivered: int = 0
+    duplicate_deliveries: int = 0
+    duplicate_dead_letters: int = 0
+    dead_lettered: int = 0
+    expected_dead_lettered: int = 0
+    valid_dead_lettered: int = 0
+    lost: int = 0
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    figures: tuple[Figure, ...] = ()
     duration_s: float = 0.0
 
     @property
+    def duplicates(self) -> int:
+        return self.duplicate_deliveries + self.duplicate_dead_letters
+
+    @property
+    def missed(self) -> list[str]:
+        """The figures whose targets were missed, as sentences."""
+        return [miss for figure in self.figures if (miss := figure.miss()) is not None]
+
+    @property
     def passed(self) -> bool:
-        return self.lost == 0 and self.dead_lettered == self.expected_dead_lettered and not self.problems
+        return (
+            self.lost == 0
+            and self.dead_lettered == self.expected_dead_lettered
+            and self.valid_dead_lettered == 0
+            and not self.problems
+            and not self.missed
+        )
 
     def line(self) -> str:
+        figures = "".join(f" {figure.text()}" for figure in self.figures)
         return (
             f"scenario={self.name} produced={self.produced} delivered={self.delivered} "
-            f"duplicates={self.duplicates} dead_lettered={self.dead_lettered} "
-            f"expected_dead_lettered={self.expected_dead_lettered} lost={self.lost} "
-            f"result={'pass' if self.passed else 'fail'}"
+            f"duplicates={self.duplicates} duplicate_deliveries={self.duplicate_deliveries} "
+            f"duplicate_dead_letters={self.duplicate_dead_letters} dead_lettered={self.dead_lettered} "
+            f"expected_dead_lettered={self.expected_dead_lettered} valid_dead_lettered={self.valid_dead_lettered} "
+            f"lost={self.lost}{figures} result={'pass' if self.passed else 'fail'}"
         )
 
 
@@ -367,6 +467,7 @@ def account(
     letters: Sequence[Letter],
     problems: Sequence[str] = (),
     notes: Sequence[str] = (),
+    figures: Sequence[Figure] = (),
 ) -> ScenarioResult:
     """Compare what reached the APIs and the dead-letter topics with what was produced."""
     found = list(problems)
@@ -402,7 +503,7 @@ def account(
     found.extend(_id_problems(by_rid, ids_seen))
     found.extend(_order_problems(first_positions))
     ordered = [positions for positions in first_positions.values() if len(positions) > 1]
-    checked = f"order checked for {len(ordered)} keys with 2+ records ({sum(map(len, ordered))} records)"
+    checked = f"order checked for {len(ordered)} update keys with 2+ records ({sum(map(len, ordered))} records)"
 
     dead: Counter[str] = Counter()
     wrong_reason: Counter[tuple[str, str]] = Counter()
@@ -440,17 +541,24 @@ def account(
     if lost:
         kinds = Counter(by_rid[rid].poison or by_rid[rid].kind for rid in lost)
         found.append(f"lost {len(lost)} record(s) by kind {dict(kinds)}, e.g. {lost[:5]}")
+    valid_dead = sorted(rid for rid in dead if by_rid[rid].poison is None)
+    if valid_dead:
+        reasons = Counter(reason for (poison, reason), n in outcomes.items() if poison == "valid" for _ in range(n))
+        found.append(f"{len(valid_dead)} valid record(s) were dead-lettered {dict(reasons)}, e.g. {valid_dead[:3]}")
     summary = ", ".join(f"{poison}->{reason}: {n}" for (poison, reason), n in sorted(outcomes.items()))
     return ScenarioResult(
         name=name,
         produced=len(records),
         delivered=len(deliveries),
-        duplicates=sum(n - 1 for n in deliveries.values()) + sum(n - 1 for n in dead.values()),
+        duplicate_deliveries=sum(n - 1 for n in deliveries.values()),
+        duplicate_dead_letters=sum(n - 1 for n in dead.values()),
         dead_lettered=len(dead),
         expected_dead_lettered=len(expected_dead),
+        valid_dead_lettered=len(valid_dead),
         lost=len(lost),
         problems=tuple(found),
         notes=(*notes, checked, f"dead letters by kind and reason: {summary or 'none'}"),
+        figures=tuple(figures),
     )
 
 
@@ -498,14 +606,26 @@ class ChaosEnvironment:
 
 @dataclass(frozen=True, slots=True)
 class ChaosOptions:
-    records: int = 21_000
-    """Records per scenario over the three topics, poison included."""
+    records: int | None = None
+    """Records per scenario over the three topics, poison included; None: each scenario's own size."""
     partitions: int = 4
     kills: int = 6
     broker_restarts: int = 2
     outage_s: float = 60.0
     drain_timeout_s: float = 900.0
+    """The longest wait for the group to commit everything; a scenario may set a shorter one."""
     seed: int | None = None
+
+
+MAX_REPLACEMENTS: Final = 5
+"""Services started in place of ones that died on their own; one more death ends the scenario (a crash loop)."""
+READY_TIMEOUT_S: Final = 60.0
+MEASURE_TIMEOUT_S: Final = 150.0
+"""The longest a measured run waits for the records it times; past it, the figure printed is a bound."""
+
+
+class ScenarioAborted(Exception):
+    """The scenario cannot go on (the service keeps dying); it fails with what was found so far."""
 
 
 @dataclass(slots=True)
@@ -520,6 +640,14 @@ class _Member:
     """How many bytes of the log were read for `assigned`."""
 
 
+def write_key(path: Path, key: str) -> None:
+    """Replace a key file at once, as the kubelet swaps a mounted Secret: never a half-written key."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(key)
+    staged.chmod(0o600)
+    os.replace(staged, path)
+
+
 class Harness:
     """One scenario's world: fresh topics, fake APIs and registry, service processes, and what went wrong."""
 
@@ -530,12 +658,17 @@ class Harness:
         options: ChaosOptions,
         *,
         seed: int,
-        service_env: Mapping[str, str],
+        scenario: Scenario,
+        tag: str | None = None,
     ) -> None:
+        """`tag` names the records (default `name`): two harnesses with the same tag and seed produce the same
+        records, ids included, to their own topics."""
         self.name = name
         self.env = env
         self.options = options
         self.seed = seed
+        self.scenario = scenario
+        self.tag = tag or name
         self.rng = random.Random(seed)
         suffix = uuid.uuid4().hex[:8]
         self.topics = Topics(
@@ -549,11 +682,28 @@ class Harness:
         self.records: list[Sent] = []
         self.problems: list[str] = []
         self.notes: list[str] = [f"seed={seed}"]
-        self._service_env = dict(service_env)
+        self.figures: list[Figure] = []
+        self.key_files: dict[Api, Path] = {}
+        """With `Scenario.key_files`: the files the service reads its API keys from."""
+        self.drained_at: float | None = None
+        """time.monotonic() when the group was first seen to have committed everything."""
         self._members: list[_Member] = []
         self._environ: dict[str, str] = {}
+        self._replacements = 0
+        self._by_identity: dict[Identity, Sent] = {}
+        self._scanned = 0
+        self._done_at: dict[str, float] = {}
 
-    async def start(self, *, poison_share: float, updates_per_key: int) -> None:
+    @property
+    def record_count(self) -> int:
+        return self.options.records or self.scenario.records or DEFAULT_RECORDS
+
+    @property
+    def valid(self) -> list[Sent]:
+        """The records that must be delivered."""
+        return [r for r in self.records if r.poison is None]
+
+    async def start(self) -> None:
         partitions = self.options.partitions
         names = self.topics.all()
         await create_topics(self.env.bootstrap, {t: partitions for t in [*names, *map(self.topics.dlq, names)]})
@@ -564,10 +714,17 @@ class Harness:
             kind: self.registry.register(f"{topic}-value", encoder.raw[kind])
             for kind, topic in zip(KINDS, names, strict=True)
         }
-        builder = WorkloadBuilder(self.topics, partitions, self.rng, schema_ids, self.name)
-        self.records = builder.build(self.options.records, poison_share=poison_share, updates_per_key=updates_per_key)
+        builder = WorkloadBuilder(self.topics, partitions, self.rng, schema_ids, self.tag)
+        scenario = self.scenario
+        self.records = builder.build(
+            self.record_count,
+            poison_share=scenario.poison_share,
+            updates_per_key=scenario.updates_per_key,
+            inference_share=scenario.inference_share,
+        )
+        self._by_identity = {r.identity: r for r in self.records if r.identity is not None}
         self.fake.reject_when(None, is_marked, Fault(status=422))
-        self._environ = bridge_environment(
+        environ = bridge_environment(
             bootstrap=self.env.bootstrap,
             group=self.group,
             topics=self.topics,
@@ -579,9 +736,23 @@ class Harness:
             extra={
                 "BRIDGE_OPENLAYER__DEFAULT_CONFIG": orjson.dumps(DEFAULT_CONFIG).decode(),
                 "BRIDGE_OBSERVABILITY__LOG_LEVEL": "INFO",
-                **self._service_env,
             },
         )
+        # The service's own delivery defaults, always: bridge_environment shortens backoffs and the stop's drain
+        # for the integration tests, which would hide what an operator's deployment does under these faults.
+        for name in [n for n in environ if n.startswith("BRIDGE_DELIVERY__")]:
+            del environ[name]
+        if scenario.key_files:
+            key_dir = self.env.log_dir / f"{self.group}-keys"
+            key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            keys: dict[Api, str] = {"openlayer": OPENLAYER_KEY, "humanloop": HUMANLOOP_KEY}
+            for api, key in keys.items():
+                path = key_dir / f"{api}-api-key"
+                write_key(path, key)
+                self.key_files[api] = path
+                del environ[f"BRIDGE_{api.upper()}__API_KEY"]
+                environ[f"BRIDGE_{api.upper()}__API_KEY_FILE"] = str(path)
+        self._environ = environ
 
     async def close(self) -> None:
         """Stop whatever is still running, whatever happened before."""
@@ -599,6 +770,9 @@ class Harness:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def figure(self, figure: Figure) -> None:
+        self.figures.append(figure)
 
     # -- Kafka ---------------------------------------------------------------------------------------------------
 
@@ -632,6 +806,30 @@ class Harness:
                 letters.append(Letter((record.key or b"").decode("utf-8", "replace"), headers))
         return letters
 
+    # -- what the APIs received so far -------------------------------------------------------------------------
+
+    def progress(self) -> Mapping[str, float]:
+        """Record id -> when its API first answered it 200 (the fake's arrival time, time.time()); read
+        incrementally, so polling it is cheap."""
+        new = self.fake.requests(since=self._scanned)
+        self._scanned += len(new)
+        for request in new:
+            if request.status != 200:
+                continue
+            try:
+                items = carried(request)
+            except (KeyError, TypeError, AttributeError):
+                continue  # the accounting reports it
+            for identity, _ in items:
+                record = self._by_identity.get(identity)
+                if record is not None and record.rid not in self._done_at:
+                    self._done_at[record.rid] = request.received_at
+        return self._done_at
+
+    def time_to(self, rids: Collection[str], share: float, started: float) -> float | None:
+        """Seconds from `started` until `share` of `rids` had been delivered; None if not yet."""
+        return time_to(self.progress(), rids, share, started)
+
     # -- service processes -------------------------------------------------------------------------------------
 
     def start_bridge(self, label: str = "") -> BridgeProcess:
@@ -641,6 +839,11 @@ class Harness:
         process.start()
         self._members.append(_Member(process, log, label))
         return process
+
+    @property
+    def started_services(self) -> int:
+        """How many service processes this scenario started, replacements included."""
+        return len(self._members)
 
     def _member(self, process: BridgeProcess) -> _Member:
         return next(m for m in self._members if m.process is process)
@@ -669,7 +872,8 @@ class Harness:
         return [m.process for m in self._members if m.expect_running and m.process.returncode is None]
 
     def _check_members(self) -> None:
-        """A service that dies on its own is a problem; start another one so the accounting stays meaningful."""
+        """A service that dies on its own is a problem; start another one so the accounting stays meaningful,
+        unless they keep dying."""
         for member in list(self._members):
             if member.expect_running and member.process.returncode is not None:
                 member.expect_running = False
@@ -677,6 +881,9 @@ class Harness:
                     f"service {member.label} exited {member.process.returncode} on its own; "
                     f"log tail:\n{_tail(member.log)}"
                 )
+                if self._replacements >= MAX_REPLACEMENTS:
+                    raise ScenarioAborted(f"{self._replacements + 1} services died on their own; gave up")
+                self._replacements += 1
                 self.start_bridge(f"{member.label}-replacement")
 
     def assignments(self, process: BridgeProcess) -> list[list[str]]:
@@ -698,23 +905,40 @@ class Harness:
 
     # -- waiting -----------------------------------------------------------------------------------------------
 
-    async def wait_until(self, check: Callable[[], bool], *, timeout_s: float, what: str) -> bool:
-        """Wait for `check` while watching the services; a timeout is a problem, not an exception."""
+    async def wait_until(self, check: Callable[[], bool], *, timeout_s: float, what: str, problem: bool = True) -> bool:
+        """Wait for `check` while watching the services; a timeout is a problem (unless `problem` is False, for a
+        measurement that reports its own bound), not an exception."""
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_members()
             if check():
                 return True
             if time.monotonic() > deadline:
-                self.problem(f"gave up after {timeout_s:.0f}s waiting for {what}")
+                if problem:
+                    self.problem(f"gave up after {timeout_s:.0f}s waiting for {what}")
                 return False
             await asyncio.sleep(0.05)
 
-    async def wait_calls(self, count: int, *, timeout_s: float = 300.0) -> int:
-        """Wait until `count` more API calls arrived than now (any outcome); return how many arrived."""
-        base = self.fake.count()
+    async def wait_calls(self, count: int, *, since: int | None = None, timeout_s: float = 300.0) -> int:
+        """Wait until `count` more API calls (any outcome) arrived than `since` (a `fake.count()` taken earlier;
+        default now); return how many arrived."""
+        base = self.fake.count() if since is None else since
         await self.wait_until(lambda: self.fake.count() >= base + count, timeout_s=timeout_s, what=f"{count} calls")
         return self.fake.count() - base
+
+    async def wait_ready(self) -> bool:
+        """Until the running services together hold every partition, by their "partitions assigned" log lines."""
+        total = 3 * self.options.partitions
+
+        def ready() -> bool:
+            held: set[str] = set()
+            for process in self.running():
+                assigned = self.assignments(process)
+                if assigned:
+                    held.update(assigned[-1])
+            return len(held) == total
+
+        return await self.wait_until(ready, timeout_s=READY_TIMEOUT_S, what="the service to take its partitions")
 
     async def sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -722,17 +946,23 @@ class Harness:
             self._check_members()
             await asyncio.sleep(min(0.2, left))
 
+    @property
+    def drain_timeout_s(self) -> float:
+        return min(self.options.drain_timeout_s, self.scenario.drain_timeout_s or math.inf)
+
     async def wait_drained(self) -> bool:
-        deadline = time.monotonic() + self.options.drain_timeout_s
-        while True:
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self.drained_at is None:
             self._check_members()
             with contextlib.suppress(KafkaError, OSError, TimeoutError):
                 if await self.drained():
-                    return True
+                    self.drained_at = time.monotonic()
+                    break
             if time.monotonic() > deadline:
-                self.problem(f"not everything was committed after {self.options.drain_timeout_s:.0f}s")
+                self.problem(f"not everything was committed after {self.drain_timeout_s:.0f}s")
                 return False
             await asyncio.sleep(1.0)
+        return True
 
     async def finish(self) -> ScenarioResult:
         """Wait for the drain, stop the services with SIGTERM, account for every record."""
@@ -740,7 +970,13 @@ class Harness:
         for process in self.running():
             await self.terminate(process)
         return account(
-            self.name, self.records, self.fake.requests(), await self.dead_letters(), self.problems, self.notes
+            self.name,
+            self.records,
+            self.fake.requests(),
+            await self.dead_letters(),
+            self.problems,
+            self.notes,
+            self.figures,
         )
 
 
@@ -749,6 +985,88 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError as exc:
         return f"<no log: {exc}>"
+
+
+def time_to(done_at: Mapping[str, float], rids: Collection[str], share: float, started: float) -> float | None:
+    """Seconds from `started` until `share` of `rids` were in `done_at`; None when fewer are."""
+    need = math.ceil(share * len(rids) - 1e-9)
+    if need <= 0:
+        return 0.0
+    times = sorted(done_at[rid] for rid in rids if rid in done_at)
+    return times[need - 1] - started if len(times) >= need else None
+
+
+# -- measuring against a healthy run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """When each record of a healthy run of a scenario's workload was delivered."""
+
+    started: float
+    done_at: Mapping[str, float]
+
+    def time_to(self, rids: Collection[str], share: float) -> float | None:
+        return time_to(self.done_at, rids, share, self.started)
+
+
+async def _run_measured(h: Harness) -> float:
+    """Produce the whole workload to the running, ready service(s); when production started (time.time())."""
+    started = time.time()
+    await h.produce(h.records)
+    return started
+
+
+async def healthy_reference(h: Harness) -> Reference:
+    """Run `h`'s records (same seed, same ids) with no fault on fresh topics, group and fake APIs, measured the
+    way the faulty run will be: one service, ready before production starts."""
+    twin = Harness(f"{h.name}-healthy", h.env, h.options, seed=h.seed, scenario=h.scenario, tag=h.tag)
+    try:
+        await twin.start()
+        twin.start_bridge()
+        await twin.wait_ready()
+        started = await _run_measured(twin)
+        valid = len(twin.valid)
+        await twin.wait_until(
+            lambda: len(twin.progress()) >= valid, timeout_s=MEASURE_TIMEOUT_S, what="the healthy run's deliveries"
+        )
+        reference = Reference(started, dict(twin.progress()))
+        result = await twin.finish()
+    finally:
+        await twin.close()
+    took = reference.time_to([r.rid for r in h.valid], 1.0)
+    rate = f"{len(h.valid) / took:.0f} records/s" if took else "not measured"
+    h.note(f"healthy run of the same {len(h.records)} records: all delivered in {took or 0:.1f}s ({rate})")
+    if not result.passed:
+        h.problem(f"the healthy reference run failed: {result.line()}; {'; '.join(result.problems)}")
+    return reference
+
+
+def share_figure(
+    h: Harness,
+    reference: Reference,
+    rids: Collection[str],
+    *,
+    share: float,
+    started: float,
+    name: str,
+    target: float,
+    target_name: str | None = None,
+    what: str,
+) -> Figure:
+    """The faulty run's rate as a share of the healthy one's, over the first `share` of `rids` delivered."""
+    healthy = reference.time_to(rids, share)
+    faulty = h.time_to(rids, share, started)
+    if not rids or healthy is None:
+        h.problem(f"{name}: the healthy run never delivered {share:.0%} of the {what}")
+        return Figure(name, 0.0, target, target_name=target_name)
+    healthy = max(healthy, 1e-3)
+    if faulty is None:
+        waited = time.time() - started
+        h.note(f"{name}: {share:.0%} of {len(rids)} {what} took {healthy:.1f}s healthy, not reached in {waited:.0f}s")
+        return Figure(name, healthy / waited, target, target_name=target_name, bound=True)
+    h.note(f"{name}: {share:.0%} of {len(rids)} {what} took {healthy:.1f}s healthy, {faulty:.1f}s here")
+    return Figure(name, healthy / max(faulty, 1e-3), target, target_name=target_name)
 
 
 # -- the scenarios ---------------------------------------------------------------------------------------------
@@ -803,8 +1121,8 @@ async def broker_restart(h: Harness) -> None:
 HTTP_FAULTS: Final = (
     *[Fault(status=s) for s in (500, 502, 503) for _ in range(4)],
     *[Fault(reset=True)] * 4,
-    # Longer than the service's read timeout (1 s): one the API processed (a 200 the client never sees, so a
-    # duplicate by design) and one it did not.
+    # Slow answers, one the API processed and one it did not. Within the default read timeout; a service that
+    # cuts attempts sooner (by observed latency) times the first out, and then its 200 is a duplicate by design.
     *[Fault(status=None, delay_s=2.0)] * 2,
     *[Fault(status=503, delay_s=2.0)] * 2,
     # Retry-After pauses a whole destination; kept rare so the scenario ends within minutes.
@@ -855,14 +1173,16 @@ async def poison(h: Harness) -> None:
 
 
 async def rebalance(h: Harness) -> None:
-    """One consumer, then three in the same group mid-stream, then one again."""
+    """One consumer, then three in the same group sharing a stage of the workload, then one again.
+
+    The middle stage is produced only once the three hold the partitions between them, and its calls are
+    counted from before it was produced, so a fast service cannot finish the stage before the count starts."""
     parts = stages(h.records, 3)
     all_partitions = 3 * h.options.partitions
     await h.produce(parts[0])
     first = h.start_bridge("a")
     await h.wait_calls(max(1, calls_in(parts[0]) // 3))
     others = [h.start_bridge("b"), h.start_bridge("c")]
-    await h.produce(parts[1])
     members = (first, *others)
 
     def split() -> bool:
@@ -873,7 +1193,10 @@ async def rebalance(h: Harness) -> None:
     if await h.wait_until(split, timeout_s=120, what="the three consumers to split the partitions between them"):
         sizes = {h.label(p): len(h.assignments(p)[-1]) for p in members}
         h.note(f"partitions held while three consumers ran: {sizes}")
-    await h.wait_calls(max(1, calls_in(parts[1]) // 3))
+    before = h.fake.count()
+    await h.produce(parts[1])
+    arrived = await h.wait_calls(max(1, calls_in(parts[1]) // 3), since=before)
+    h.note(f"two of the three stopped after {arrived} calls of the middle stage")
     await asyncio.gather(*(h.terminate(p) for p in others))
     await h.produce(parts[2])
     await h.wait_until(
@@ -887,9 +1210,298 @@ ORDERING_FAULTS: Final = (Fault(status=503), Fault(status=500), Fault(reset=True
 
 
 async def ordering(h: Harness) -> None:
-    """Many updates per key, retried (10% faults, timeouts that hide a success) and replayed (two kill -9s)."""
+    """Many updates per key, retried (10% faults, slow answers) and replayed (two kill -9s)."""
     h.fake.set_random_faults(None, 0.1, ORDERING_FAULTS, seed=h.seed)
     await _kill_cycles(h, 2, early_kill=False)
+
+
+HANG: Final = Fault(status=504, delay_s=30.0)
+"""A call that hangs 30 s and then answers 504, as a gateway in front of a stuck backend does."""
+HANG_SHARE: Final = 0.05
+HANGS_TARGET: Final = 0.5
+MEASURED_SHARE: Final = 0.9
+"""hangs times the first 90% of the records: the hung ones themselves may take their 30 s."""
+
+
+async def hangs(h: Harness) -> None:
+    """5% of all calls hang 30 s, then 504; rows and update calls must keep flowing around them."""
+    reference = await healthy_reference(h)
+    h.start_bridge()
+    await h.wait_ready()
+    h.fake.set_random_faults(None, HANG_SHARE, (HANG,), seed=h.seed)
+    started = await _run_measured(h)
+    groups = {
+        "share": ([r.rid for r in h.valid], "records", "target"),
+        "share_rows": ([r.rid for r in h.valid if r.kind == "inference"], "published rows", None),
+        "share_calls": ([r.rid for r in h.valid if r.kind != "inference"], "updates", None),
+    }
+
+    def measured() -> bool:
+        return all(h.time_to(rids, MEASURED_SHARE, started) is not None for rids, _, _ in groups.values())
+
+    await h.wait_until(measured, timeout_s=MEASURE_TIMEOUT_S, what="90% of each kind", problem=False)
+    for name, (rids, what, target_name) in groups.items():
+        h.figure(
+            share_figure(
+                h,
+                reference,
+                rids,
+                share=MEASURED_SHARE,
+                started=started,
+                name=name,
+                target=HANGS_TARGET,
+                target_name=target_name,
+                what=what,
+            )
+        )
+    hung = sum(1 for r in h.fake.requests() if r.fault == "random:504")
+    h.note(f"{hung} calls hung so far, of {h.fake.count()}")
+
+
+RATE_LIMIT: Final = 300.0
+"""Calls a second per API (Openlayer's two endpoints share it), well below what the service sends when healthy."""
+RATE_TARGET: Final = 0.9
+MAX_429_SHARE: Final = 0.1
+
+
+async def rate_limit(h: Harness) -> None:
+    """A token bucket of RATE_LIMIT calls/s per API: the service must use the limit (>= 90% of it) without
+    hammering (<= 10% of its calls answered 429)."""
+    h.start_bridge()
+    await h.wait_ready()
+    h.fake.set_rate_limit(None, RATE_LIMIT)
+    started = await _run_measured(h)
+    valid = len(h.valid)
+    await h.wait_until(
+        lambda: len(h.progress()) >= valid, timeout_s=MEASURE_TIMEOUT_S, what="every record", problem=False
+    )
+    ended = time.time()
+    requests = h.fake.requests()
+    shares, refused = [], []
+    for api in APIS:
+        calls = [r for r in requests if API_OF[r.endpoint] == api and r.received_at >= started]
+        ok = [r.received_at for r in calls if r.status == 200]
+        if not calls or not ok:
+            h.problem(f"{api}: no successful call to measure")
+            shares.append(0.0)
+            continue
+        # The bucket starts full: its one second of burst is left out of the rate.
+        window = (calls[0].received_at + 1.0, ok[-1] if len(h.progress()) >= valid else ended)
+        in_window = sum(1 for t in ok if window[0] <= t <= window[1])
+        rate = in_window / max(window[1] - window[0], 1e-3)
+        limited = sum(1 for r in calls if r.fault == f"{RATE_LIMITED}:429")
+        shares.append(rate / RATE_LIMIT)
+        refused.append(limited / len(calls))
+        h.note(
+            f"{api}: {len(ok)} calls ok at {rate:.0f}/s over {window[1] - window[0]:.1f}s, "
+            f"{limited} of {len(calls)} calls answered 429"
+        )
+        h.figure(Figure(f"calls_per_s_{api}", rate, digits=0))
+    h.figure(Figure("limit", RATE_LIMIT, digits=0))
+    h.figure(Figure("share", min(shares), RATE_TARGET, target_name="target"))
+    h.figure(Figure("share_429", max(refused, default=1.0), MAX_429_SHARE, at_most=True, target_name="max_429"))
+
+
+REVOKED_S: Final = 30.0
+RESUME_TARGET_S: Final = 10.0
+
+
+async def auth_revoked(h: Harness) -> None:
+    """Both APIs refuse the service's key (401) for REVOKED_S; then a new key is written to the key files the
+    service was started with, and only that key is accepted. Nothing valid may be dead-lettered, the service
+    must not restart, and calls must succeed again within RESUME_TARGET_S of the new key being written."""
+    parts = stages(h.records, 2)
+    process = h.start_bridge()
+    await h.wait_ready()
+    await h.produce(parts[0])
+    await h.wait_calls(max(1, calls_in(parts[0]) // 4))
+    h.fake.set_keys(openlayer=(), humanloop=())
+    revoked = time.time()
+    await h.produce(parts[1])
+    await h.sleep(REVOKED_S)
+    new_keys = {api: f"{api}-rotated-{h.seed}-{uuid.uuid4().hex[:8]}" for api in APIS}
+    h.fake.set_keys(openlayer=new_keys["openlayer"], humanloop=new_keys["humanloop"])
+    for api in APIS:
+        write_key(h.key_files[api], new_keys[api])
+    written = time.time()
+
+    def first_success(api: Api) -> float | None:
+        return next(
+            (
+                r.received_at - written
+                for r in h.fake.requests(since=0)
+                if r.received_at >= written and r.status == 200 and API_OF[r.endpoint] == api
+            ),
+            None,
+        )
+
+    await h.wait_until(
+        lambda: all(first_success(api) is not None for api in APIS),
+        timeout_s=60.0,
+        what="a successful call to each API with the new key",
+        problem=False,
+    )
+    during = [r for r in h.fake.requests() if revoked <= r.received_at < written]
+    h.note(f"while the key was refused: {len(during)} calls, {sum(r.status == 401 for r in during)} answered 401")
+    resumed = {api: first_success(api) for api in APIS}
+    h.note(
+        "first success after the new key was written: "
+        + ", ".join(f"{api} {'never' if s is None else f'{s:.1f}s'}" for api, s in resumed.items())
+    )
+    missing = [api for api, s in resumed.items() if s is None]
+    worst = time.time() - written if missing else max(s for s in resumed.values() if s is not None)
+    h.figure(
+        Figure(
+            "resume_s", worst, RESUME_TARGET_S, at_most=True, target_name="max_resume_s", digits=1, bound=bool(missing)
+        )
+    )
+    h.figure(Figure("restarts", h.started_services - 1, 0, at_most=True, target_name="max_restarts", digits=0))
+    if process.returncode is not None:
+        h.problem(f"the service exited ({process.returncode}) instead of waiting for a new key")
+
+
+NOT_YET_SHARE: Final = 0.3
+NOT_YET_S: Final = 20.0
+NOT_YET_TARGET: Final = 0.8
+
+
+async def not_yet(h: Harness) -> None:
+    """30% of update ids answer 404 for their first 20 s: the other records must flow as in a healthy run."""
+    reference = await healthy_reference(h)
+    held = {r.rid for r in h.valid if r.update_id and not_yet_chosen(r.update_id, NOT_YET_SHARE, h.seed)}
+    others = [r.rid for r in h.valid if r.update_id and r.rid not in held]
+    h.start_bridge()
+    await h.wait_ready()
+    h.fake.set_not_yet(NOT_YET_SHARE, NOT_YET_S, seed=h.seed)
+    started = await _run_measured(h)
+    await h.wait_until(
+        lambda: h.time_to(others, 1.0, started) is not None,
+        timeout_s=MEASURE_TIMEOUT_S,
+        what="the updates of ready ids",
+        problem=False,
+    )
+    h.figure(
+        share_figure(
+            h,
+            reference,
+            others,
+            share=1.0,
+            started=started,
+            name="share",
+            target=NOT_YET_TARGET,
+            target_name="target",
+            what="updates of ids that never answer 404",
+        )
+    )
+    await h.wait_until(
+        lambda: h.time_to(held, 1.0, started) is not None, timeout_s=MEASURE_TIMEOUT_S, what="the not-yet updates"
+    )
+    first_held = h.time_to(held, 1.0 / max(1, len(held)), started)
+    all_held = h.time_to(held, 1.0, started)
+    not_found = sum(1 for r in h.fake.requests() if r.fault == f"{NOT_YET}:404")
+    h.note(
+        f"{len(held)} updates of not-yet ids: first delivered after {first_held or 0:.1f}s, all after "
+        f"{all_held or 0:.1f}s; {not_found} calls answered 404"
+    )
+
+
+LATENCY_PHASES: Final = ((0.0, 7.0), (0.2, 9.0), (0.0, 7.0), (0.05, 7.0))
+"""(API latency, seconds) in order: the step 0 -> 200 ms -> 0, then 50 ms; each phase's rate is taken after its
+first SETTLE_S. The workload must outlast them all at the service's full speed."""
+SETTLE_S: Final = 2.0
+LATENCY_TARGETS: Final[Mapping[float, float]] = {0.05: 0.9, 0.2: 0.6}
+
+
+async def latency_step(h: Harness) -> None:
+    """A backlog of updates drained while every API call's latency steps 0 -> 200 ms -> 0 -> 50 ms; each phase's
+    delivery rate as a share of the first 0 ms phase's."""
+    await h.produce(h.records)  # the whole backlog first: the rates below are the service's, not the producer's
+    h.start_bridge()
+    await h.wait_ready()
+    valid = len(h.valid)
+    rates: list[tuple[float, float]] = []
+    for latency, seconds in LATENCY_PHASES:
+        h.fake.set_latency(latency)
+        begin = time.time()
+        await h.sleep(seconds)
+        end = time.time()
+        done = h.progress()
+        delivered = sum(1 for t in done.values() if begin + SETTLE_S <= t < end)
+        rates.append((latency, delivered / (end - begin - SETTLE_S)))
+        # A phase whose backlog ran (nearly) dry measured the producer's supply, not the service.
+        if valid - len(done) < rates[0][1] * SETTLE_S:
+            h.problem(
+                f"the backlog ran out in the {latency * 1000:.0f} ms phase ({valid - len(done)} records left); "
+                "the scenario needs more records"
+            )
+            break
+    h.fake.set_latency(0.0)
+    h.note("delivered per second by phase: " + ", ".join(f"{lat * 1000:.0f} ms {r:.0f}/s" for lat, r in rates))
+    base = rates[0][1]
+    h.figure(Figure("rate_0ms", base, digits=0))
+    for latency, rate in rates[1:]:
+        label = f"{latency * 1000:.0f}ms"
+        if latency == 0.0:
+            h.figure(Figure(f"share_{label}_after", rate / max(base, 1e-3)))
+            continue
+        target = LATENCY_TARGETS.get(latency)
+        h.figure(Figure(f"share_{label}", rate / max(base, 1e-3), target, target_name=f"target_{label}"))
+
+
+MIXED_FAULTS: Final = (
+    *[HANG] * 5,
+    *[Fault(status=503)] * 3,
+    *[Fault(status=500)] * 2,
+    *[Fault(status=502)] * 2,
+    *[Fault(reset=True)] * 3,
+    *[Fault(status=429, headers={"Retry-After": "1"})] * 2,
+    *[Fault(status=None, delay_s=2.0)] * 2,
+    Fault(status=504),
+)
+"""At a 20% fault rate: 5% of calls hang 30 s, 15% fail at once or answer slowly."""
+MIXED_FAULT_RATE: Final = 0.2
+MIXED_KILLS: Final = 3
+MIXED_OUTAGE_S: Final = 30.0
+MIXED_TARGET_S: Final = 120.0
+
+
+async def mixed(h: Harness) -> None:
+    """20% mixed faults (5% hangs of 30 s), 3 kill -9 and a 30 s outage of both APIs: the backlog must drain
+    within MIXED_TARGET_S of being produced, with nothing lost and no valid record dead-lettered."""
+    h.fake.set_random_faults(None, MIXED_FAULT_RATE, MIXED_FAULTS, seed=h.seed)
+    current = h.start_bridge()
+    await h.wait_ready()
+    started = time.monotonic()
+    await h.produce(h.records)
+    calls = calls_in(h.records)
+
+    async def kill_and_replace(number: int, moment: str) -> None:
+        nonlocal current
+        h.kill(current)
+        current = h.start_bridge()
+        h.note(f"kill -9 #{number} at {time.monotonic() - started:.1f}s, {moment}")
+
+    fraction = h.rng.uniform(0.1, 0.25)
+    arrived = await h.wait_calls(max(1, int(calls * fraction)), timeout_s=60.0)
+    await kill_and_replace(1, f"after {arrived} calls")
+    await h.sleep(2.0)
+    h.fake.set_down(None, True, mode=DownMode.STATUS)
+    down_at = time.monotonic()
+    h.note(f"both APIs down (503) from {down_at - started:.1f}s for {MIXED_OUTAGE_S:.0f}s")
+    into = h.rng.uniform(8.0, 20.0)
+    await h.sleep(into)
+    await kill_and_replace(2, f"{into:.0f}s into the outage")
+    await h.sleep(max(0.0, down_at + MIXED_OUTAGE_S - time.monotonic()))
+    h.fake.set_down(None, False)
+    arrived = await h.wait_calls(max(1, int(calls * h.rng.uniform(0.1, 0.25))), timeout_s=60.0)
+    await kill_and_replace(3, f"{arrived} calls after the outage")
+    drained = await h.wait_drained()
+    seconds = (h.drained_at if drained and h.drained_at is not None else time.monotonic()) - started
+    h.figure(
+        Figure(
+            "drained_s", seconds, MIXED_TARGET_S, at_most=True, target_name="max_drained_s", digits=0, bound=not drained
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -897,22 +1509,40 @@ class Scenario:
     run: Callable[[Harness], Awaitable[None]]
     poison_share: float
     updates_per_key: int
-    service_env: Mapping[str, str] = field(default_factory=dict)
+    inference_share: float = INFERENCE_SHARE
+    records: int | None = None
+    """The scenario's size when the options name none; None: DEFAULT_RECORDS."""
     needs_broker: bool = False
+    key_files: bool = False
+    """Start the service with its API keys in files (BRIDGE_*__API_KEY_FILE) rather than in variables."""
+    drain_timeout_s: float | None = None
+    """A shorter wait for the drain than the options' (it bounds a scenario the service fails)."""
 
-
-_FAST_TIMEOUTS: Final = {"BRIDGE_DELIVERY__READ_TIMEOUT_S": "1"}
 
 SCENARIOS: Final[Mapping[str, Scenario]] = {
     "kill9": Scenario(kill9, poison_share=0.02, updates_per_key=3),
     "broker-restart": Scenario(broker_restart, poison_share=0.02, updates_per_key=3, needs_broker=True),
-    "http-faults": Scenario(http_faults, poison_share=0.02, updates_per_key=3, service_env=_FAST_TIMEOUTS),
-    "outage": Scenario(
-        outage, poison_share=0.0, updates_per_key=3, service_env={"BRIDGE_DELIVERY__READ_TIMEOUT_S": "5"}
-    ),
+    "http-faults": Scenario(http_faults, poison_share=0.02, updates_per_key=3),
+    "outage": Scenario(outage, poison_share=0.0, updates_per_key=3),
     "poison": Scenario(poison, poison_share=0.10, updates_per_key=3),
     "rebalance": Scenario(rebalance, poison_share=0.02, updates_per_key=3),
-    "ordering": Scenario(ordering, poison_share=0.0, updates_per_key=20, service_env=_FAST_TIMEOUTS),
+    "ordering": Scenario(ordering, poison_share=0.0, updates_per_key=20),
+    "hangs": Scenario(
+        hangs, poison_share=0.0, updates_per_key=3, inference_share=0.9, records=24_000, drain_timeout_s=300
+    ),
+    "rate-limit": Scenario(
+        rate_limit, poison_share=0.0, updates_per_key=3, inference_share=0.1, records=12_000, drain_timeout_s=300
+    ),
+    "auth-revoked": Scenario(
+        auth_revoked, poison_share=0.02, updates_per_key=3, records=9_000, key_files=True, drain_timeout_s=300
+    ),
+    "not-yet": Scenario(
+        not_yet, poison_share=0.0, updates_per_key=3, inference_share=0.1, records=24_000, drain_timeout_s=300
+    ),
+    "latency-step": Scenario(
+        latency_step, poison_share=0.0, updates_per_key=3, inference_share=0.0, records=100_000, drain_timeout_s=300
+    ),
+    "mixed": Scenario(mixed, poison_share=0.02, updates_per_key=3, records=12_000, drain_timeout_s=360),
 }
 
 
@@ -927,9 +1557,18 @@ async def run_scenario(name: str, env: ChaosEnvironment, options: ChaosOptions) 
                 raise RuntimeError(f"{name} needs a local broker to restart; give ChaosEnvironment.jars_dir")
             broker = stack.enter_context(LocalKafkaBroker(env.jars_dir))
             env = ChaosEnvironment(broker.bootstrap_servers, env.log_dir, broker, env.jars_dir)
-        harness = Harness(name, env, options, seed=seed, service_env=scenario.service_env)
+        harness = Harness(name, env, options, seed=seed, scenario=scenario)
         stack.push_async_callback(harness.close)
-        await harness.start(poison_share=scenario.poison_share, updates_per_key=scenario.updates_per_key)
-        await scenario.run(harness)
-        result = await harness.finish()
+        await harness.start()
+        try:
+            await scenario.run(harness)
+            result = await harness.finish()
+        except ScenarioAborted as exc:
+            result = ScenarioResult(
+                name,
+                len(harness.records),
+                problems=(*harness.problems, str(exc)),
+                notes=tuple(harness.notes),
+                figures=tuple(harness.figures),
+            )
     return replace(result, duration_s=time.monotonic() - started)

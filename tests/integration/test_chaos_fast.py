@@ -1,9 +1,9 @@
 """Small versions of three `make chaos` scenarios, run inside `make test`: kill -9 mid-stream, poison of every
-kind, and per-key ordering under retries and restarts. Each runs the real service as child processes against
-the session broker (its own topics and group) and the fake APIs, then accounts for every produced record
-(`tests.chaos.scenarios.account`): nothing lost, exactly the poison dead-lettered, each with its reason, and
-every key's first deliveries in produced order. The seed in the failure message replays a failing run
-(`python -m tests.chaos --scenario NAME --records N --partitions 3 --seed S`).
+kind, and per-key ordering under retries and restarts. Each runs the real service as child processes, with its
+default delivery settings, against the session broker (its own topics and group) and the fake APIs, then accounts
+for every produced record (`tests.chaos.scenarios.account`): nothing lost, exactly the poison dead-lettered, each
+with its reason, and every update key's first deliveries in produced order. The seed in the failure message
+replays a failing run (`python -m tests.chaos --scenario NAME --records N --partitions 3 --seed S`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ pytestmark = pytest.mark.kafka
 
 async def _run(name: str, bootstrap: str, log_dir: Path, options: ChaosOptions) -> ScenarioResult:
     result = await run_scenario(name, ChaosEnvironment(bootstrap, log_dir), options)
-    report = "\n".join([result.line(), *result.notes, *result.problems, f"service logs: {log_dir}"])
+    report = "\n".join([result.line(), *result.notes, *result.problems, *result.missed, f"service logs: {log_dir}"])
     print(report)
     assert result.lost == 0, report
+    assert result.valid_dead_lettered == 0, report
     assert result.dead_lettered == result.expected_dead_lettered, report
     assert result.problems == (), report
+    assert result.passed, report
     return result
 
 

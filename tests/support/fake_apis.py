@@ -532,12 +532,13 @@ class FakeApiServer(ThreadedServer):
 
     # -- recordings ------------------------------------------------------------------------------------
 
-    def requests(self, endpoint: Endpoint | None = None) -> list[ReceivedRequest]:
-        """What arrived so far, oldest first, faulted requests included."""
+    def requests(self, endpoint: Endpoint | None = None, *, since: int = 0) -> list[ReceivedRequest]:
+        """What arrived so far, oldest first, faulted requests included; `since` skips the first recordings
+        (of all endpoints), so a poller can read only what is new."""
         with self._lock:
             if endpoint is None:
-                return list(self._requests)
-            return [r for r in self._requests if r.endpoint == endpoint]
+                return self._requests[since:]
+            return [r for r in self._requests[since:] if r.endpoint == endpoint]
 
     def count(self, endpoint: Endpoint | None = None) -> int:
         """How many requests arrived; kept even when recording is off."""

@@ -419,6 +419,8 @@ def test_clear_and_reset(fake: FakeApiServer, client: httpx.Client) -> None:
 def test_wait_for_requests(fake: FakeApiServer, client: httpx.Client) -> None:
     publish(client, fake)
     update_log(client, fake, {})
+    assert [r.endpoint for r in fake.requests(since=1)] == ["update_log"]
+    assert fake.requests("publish", since=1) == []
 
     assert len(fake.wait_for_requests(1, "update_log", timeout=1.0)) == 1
     with pytest.raises(TimeoutError):
