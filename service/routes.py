@@ -144,6 +144,8 @@ class Router:
     def publish_row(self, event: NewInference, where: Coordinates) -> PublishRow:
         """One row, serialised once, ready to share a Publish-records call with rows of the same batch."""
         config = self.publish_config(event)
+        # Refused here, per record, rather than when its batch's URL is built.
+        _check_segment(event.pipeline_id)
         # Configs are few long-lived objects: the operator's, and the codec's shared copies of the
         # configs records carry. Each is prepared once, by identity; holding the object in the
         # entry keeps its id from being reused while the entry lives.
@@ -246,7 +248,18 @@ def _as_id(value: object) -> str | None:
 def _segment(value: str) -> str:
     # A pipeline id is a UUID, but it comes from a producer we do not control: never let it add
     # path segments or a query to the URL.
+    _check_segment(value)
     return quote(value, safe="")
+
+
+def _check_segment(value: str) -> None:
+    if value in (".", ".."):
+        # Unreserved characters, so quoting keeps them, and both HTTP clients remove dot segments
+        # (even percent-encoded ones): ".." would POST to {base}/data-stream. No id can be one.
+        raise RouteError(
+            f"pipeline id {value!r} is not an id: in a URL path it is a dot segment, which HTTP clients remove",
+            reason="invalid-field",
+        )
 
 
 def _json(body: object, *, sort_keys: bool = False) -> bytes:
