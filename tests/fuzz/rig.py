@@ -17,6 +17,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
+from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -156,6 +157,11 @@ class Rig:
         self.run(self._client.aclose())
         self.loop.close()
 
+    async def aclose(self) -> None:
+        """`close` for a caller that ran the rig on its own loop (the driver)."""
+        await self._client.aclose()
+        self.loop.close()
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -185,7 +191,7 @@ class _WireRequest:
         self.method = method
         self.rel_url = yarl.URL(raw_path_qs, encoded=True)
         self.headers = CIMultiDict(headers)
-        self.match_info: Mapping[str, str] = {}
+        self.match_info: dict[str, str] = {}
 
     @property
     def query(self) -> MultiDictProxy[str]:
@@ -200,6 +206,7 @@ class _WireRequest:
         return self.rel_url.raw_path
 
 
+_PIPELINE_PATH: Final = re.compile(r"(?P<head>/openlayer/v1/inference-pipelines/)(?P<segment>[^/]+)(?P<tail>/[^/]+)")
 _HANDLERS: Final[Mapping[str, Endpoint]] = {
     "_publish": Endpoint.PUBLISH,
     "_update_row": Endpoint.UPDATE_ROW,
@@ -225,7 +232,15 @@ class SpecJudge:
             if request.endpoint is Endpoint.UPDATE_LOG
             else {"Authorization": f"Bearer {OPENLAYER_KEY}"}
         )
-        incoming = _WireRequest(request.method, wire.raw_path_qs, headers)
+        # aiohttp's router matches `{pipeline_id}` with [^{}/]+, so it 404s ids with braces, which the real API
+        # routes (and answers for that pipeline). Route on a stand-in segment; the API reads the real one.
+        raw_path, segment = wire.raw_path, None
+        found = _PIPELINE_PATH.fullmatch(raw_path)
+        if found is not None:
+            segment = found["segment"]
+            raw_path = f"{found['head']}pipeline{found['tail']}"
+        query = f"?{wire.raw_query_string}" if wire.raw_query_string else ""
+        incoming = _WireRequest(request.method, raw_path + query, headers)
         match = await self._app.router.resolve(cast(web.Request, incoming))
         endpoint = _HANDLERS.get(getattr(match.handler, "__name__", ""))
         if match.http_exception is not None or endpoint is None:
@@ -233,6 +248,8 @@ class SpecJudge:
         if endpoint is not request.endpoint:
             return f"{request.method} {wire.raw_path_qs} reaches {endpoint.value}, not {request.endpoint.value}"
         incoming.match_info = dict(match)
+        if segment is not None:
+            incoming.match_info["pipeline_id"] = unquote(segment)
         refusal = self._server._judge(
             cast(web.Request, incoming), endpoint.value, request.body, _parse_json(request.body)
         )

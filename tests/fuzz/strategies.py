@@ -99,7 +99,7 @@ ids = st.one_of(
     st.just(PIPELINE),
     st.uuids().map(str),
     odd_text,
-    st.sampled_from(["", ".", "..", "../admin", "a/b", "?x=1", "#f", "%2e%2e", " ", "+", "&a=b"]),
+    st.sampled_from(["", ".", "..", "../admin", "a/b", "?x=1", "#f", "%2e%2e", " ", "+", "&a=b", "{id}", "%"]),
     st.builds(lambda count: "i" * count, st.integers(MAX_ID_CHARS - 2, MAX_ID_CHARS + 2)),
 )
 

@@ -9,6 +9,7 @@ regressions below are what the fuzzers found.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -158,3 +159,16 @@ def test_ids_with_dots_that_are_not_dot_segments_still_route(rig: Rig, judge: Sp
     event = RowUpdate(pipeline_id, "inference-1", {"a": 1})
     problem = rig.run(judge.problem(rig.router.route(event, WHERE), event))
     assert problem is None, problem
+
+
+def test_the_judge_refuses_a_request_sent_elsewhere(rig: Rig, judge: SpecJudge) -> None:
+    # What the router did before the dot-segment fix, built by hand: the judge must see it.
+    good = rig.router.route(RowUpdate(PIPELINE, "inference-1", {"a": 1}), WHERE)
+    for segment in ("..", ".", "%2E%2E"):
+        elsewhere = dataclasses.replace(good, url=good.url.replace(PIPELINE, segment))
+        problem = rig.run(judge.problem(elsewhere))
+        assert problem is not None
+        assert "no such endpoint" in problem
+    # Braces are fine for the API (aiohttp's router of the fake alone refuses them; the judge routes around it).
+    braces = RowUpdate("{id}", "inference-1", {"a": 1})
+    assert rig.run(judge.problem(rig.router.route(braces, WHERE), braces)) is None
