@@ -351,6 +351,26 @@ def test_exposed_port_and_schemas_dir_agree_with_the_image() -> None:
     assert 'ENTRYPOINT ["python", "-m", "service"]' in dockerfile
 
 
+def _instructions(stage: str) -> list[tuple[str, str]]:
+    lines = re.sub(r"\\\n\s*", " ", stage).splitlines()
+    return [(line.split()[0].upper(), line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_build_metadata_comes_last_so_a_new_build_date_rebuilds_no_layer() -> None:
+    global_args, *stages = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert [stage.split()[0] for stage in stages] == ["${PYTHON_BASE}", "${PYTHON_BASE}"], "both stages use the pin"
+    assert "ARG PYTHON_BASE=${PYTHON_IMAGE}${PYTHON_IMAGE_DIGEST:+@}${PYTHON_IMAGE_DIGEST}" in global_args
+    builder, runtime = (_instructions(stage) for stage in stages)
+    per_build = re.compile(r"^ARG (VERSION|REVISION|CREATED)\b|\$\{?(VERSION|REVISION|CREATED)\b")
+    assert not [line for _, line in builder if per_build.search(line)]
+    first_arg = next(i for i, (op, line) in enumerate(runtime) if op == "ARG" and per_build.search(line))
+    assert {op for op, _ in runtime[first_arg:]} <= {"ARG", "LABEL"}, runtime[first_arg:]
+    label = next(line for op, line in runtime if op == "LABEL")
+    assert 'org.opencontainers.image.base.name="${PYTHON_IMAGE}"' in label
+    assert 'org.opencontainers.image.base.digest="${PYTHON_IMAGE_DIGEST}"' in label
+    assert 'org.opencontainers.image.created="${CREATED}"' in label
+
+
 # --- settings and secrets ------------------------------------------------------------------------------------
 
 
