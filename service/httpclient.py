@@ -2,9 +2,9 @@
 
 Delivery sees only `HttpClient.send` and its two outcomes: an `HttpResponse` (any status) or a
 `TransportFailure` (no usable response: connect error, timeout, reset). Each library's exception zoo
-is converted here and nowhere else. Two implementations: `AiohttpClient` (the default; `make bench`
-measured it several times faster per core than httpx under concurrency) and `HttpxClient`.
-`build_http_client` picks one by name.
+is converted here and nowhere else (pyreqwest's in service/http_reqwest.py). Three implementations:
+`AiohttpClient` (the default; `make bench` measured it several times faster per core than httpx under
+concurrency), `HttpxClient` and `PyreqwestClient`. `build_http_client` picks one by name.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from urllib.request import getproxies_environment
 import aiohttp
 import httpx
 
-HttpClientKind = Literal["aiohttp", "httpx"]
+HttpClientKind = Literal["aiohttp", "httpx", "pyreqwest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,14 @@ def build_http_client(
     kind: HttpClientKind, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int
 ) -> HttpClient:
     """The configured client; call it inside the running event loop."""
-    clients: dict[str, type[AiohttpClient | HttpxClient]] = {"aiohttp": AiohttpClient, "httpx": HttpxClient}
+    # Imported here: http_reqwest imports this module's types.
+    from .http_reqwest import PyreqwestClient
+
+    clients: dict[str, type[AiohttpClient | HttpxClient | PyreqwestClient]] = {
+        "aiohttp": AiohttpClient,
+        "httpx": HttpxClient,
+        "pyreqwest": PyreqwestClient,
+    }
     if kind not in clients:
         raise ValueError(f"unknown HTTP client {kind!r}")
     return clients[kind](

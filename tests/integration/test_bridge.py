@@ -193,7 +193,7 @@ async def test_committed_offsets_equal_what_was_done_across_all_topics(
         assert len(await committed(kafka_bootstrap, group, topic)) <= PARTITIONS
 
 
-@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx", "pyreqwest"])
 async def test_ids_with_reserved_characters_stay_one_path_segment_and_one_query_value(
     http_client: str, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
 ) -> None:
