@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 _KEPT_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "retry-after", "retry-after-ms")
 _BACKPRESSURE_STATUSES = frozenset({503})
 """Retryable statuses that say "too much" (429 has its own verdict); other 5xx say "broken"."""
+BREAKER_MAX_PAUSE_S = 10.0
 PROBE_TIMEOUT_S = 5.0
 """A breaker probe's attempt timeout at most: one hung probe must not hold a recovering destination."""
 
@@ -108,7 +109,8 @@ def build_guard(
         failure_rate=settings.breaker_failure_rate,
         # At least a second: it bounds how often the breaker can change state.
         initial_pause_s=max(1.0, settings.initial_backoff_s),
-        max_pause_s=max(1.0, settings.max_backoff_s),
+        # At most 10 s: a probe costs three calls, and a longer pause is time lost after the API is back.
+        max_pause_s=max(1.0, min(BREAKER_MAX_PAUSE_S, settings.max_backoff_s)),
     )
     timeouts = TimeoutSettings(ceiling_s=settings.read_timeout_s, floor_s=settings.min_attempt_timeout_s)
     return Guard(
@@ -150,6 +152,7 @@ class Delivery:
         endpoint, destination = request.endpoint.value, request.destination.value
         attempt = 0
         failures = 0  # attempts that failed for the API's own reasons: they set the backoff
+        timeouts = 0  # attempts of this request cut by their timeout: each retry may take twice as long
         conflicts = 0
         while True:
             probe = await breaker.admit()
@@ -160,7 +163,9 @@ class Delivery:
                 except BaseException:
                     breaker.released(probe=probe)
                     raise
-            seconds = min(timeout.seconds, PROBE_TIMEOUT_S) if probe else timeout.seconds
+            seconds = min(timeout.ceiling_s, timeout.seconds * 2**timeouts)
+            if probe:
+                seconds = min(seconds, PROBE_TIMEOUT_S)
             started = time.monotonic()
             try:
                 async with asyncio.timeout(seconds):
@@ -173,6 +178,7 @@ class Delivery:
                     if isinstance(exc, TransportFailure)
                     else TransportFailure("timeout", f"no answer in {seconds:.1f}s")
                 )
+                timeouts += failure.kind == "timeout"
                 limit.release(None, backpressure=failure.kind == "timeout")
                 self._metrics.call(endpoint, destination, None, time.monotonic() - started)
                 self._metrics.retries.labels(endpoint, failure.kind).inc()
@@ -202,7 +208,7 @@ class Delivery:
             if verdict is not Verdict.REJECT:
                 self._metrics.retries.labels(endpoint, verdict.value).inc()
             if verdict is Verdict.THROTTLED:
-                limit.release(None, backpressure=True)
+                limit.release(None, throttled=True)
                 breaker.released(probe=probe)
                 pause = self._retry_after(response)
                 if pause is not None:

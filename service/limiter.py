@@ -7,10 +7,12 @@ manner of Vector's adaptive request concurrency and Netflix's AIMD limit:
   seen: doubling until the first sign of trouble (slow start, so a 200 ms API is filled within a
   second or two), then by about the square root of the limit per window (Envoy's headroom), which
   refills a large limit in seconds rather than minutes;
-- it is cut by `decrease` when back pressure (429, 503, an attempt timeout) made up at least
+- it is cut by `decrease` when back pressure (503, an attempt timeout) made up at least
   `backpressure_share` of the window's answers (a few hung calls among thousands are not an
   overload, and cutting on each of them would starve a healthy API), or when the window's mean
   latency exceeded the running mean by `latency_tolerance`;
+- it is halved (`throttled_decrease`) when a 429 came back: under a token bucket every call in
+  flight when the bucket runs dry comes back 429, so the limit is what sets the share of 429s;
 - it never leaves [1, ceiling]; the ceiling is `BRIDGE_DELIVERY__MAX_CONNECTIONS`.
 
 A server's Retry-After is a pause of the whole destination (`pause_until`): under a token bucket a
@@ -33,6 +35,7 @@ class LimitSettings:
     initial: int = 32
     ceiling: int = 512
     decrease: float = 0.9
+    throttled_decrease: float = 0.5
     backpressure_share: float = 0.1
     latency_tolerance: float = 1.0
     """Cut when the window's mean latency exceeds (1 + this) x the running mean."""
@@ -63,6 +66,7 @@ class ConcurrencyLimit:
         self._reached = False
         self._answers = 0
         self._backpressure = 0
+        self._throttled = False
         self._rtt_sum = 0.0
         self._rtt_count = 0
 
@@ -112,14 +116,17 @@ class ConcurrencyLimit:
             self._in_flight -= 1
             self._wake()
 
-    def release(self, rtt_s: float | None, *, backpressure: bool = False) -> None:
-        """A call ended: `rtt_s` for an answer worth timing (None for none), `backpressure` for 429/503/timeouts."""
+    def release(self, rtt_s: float | None, *, backpressure: bool = False, throttled: bool = False) -> None:
+        """A call ended: `rtt_s` for an answer worth timing (None for none), `backpressure` for 503/timeouts,
+        `throttled` for a 429."""
         now = self._clock()
         if now >= self._window_end:
             self._adjust(now)  # the window is over: this answer belongs to the next one
         self._in_flight -= 1
         self._answers += 1
-        if backpressure:
+        if throttled:
+            self._throttled = True
+        elif backpressure:
             self._backpressure += 1
         elif rtt_s is not None:
             self._rtt_sum += rtt_s
@@ -145,7 +152,10 @@ class ConcurrencyLimit:
         limit = self._limit
         pressed = self._answers > 0 and self._backpressure >= max(1.0, s.backpressure_share * self._answers)
         slower = mean is not None and self._mean_rtt is not None and mean > self._mean_rtt * (1 + s.latency_tolerance)
-        if pressed or slower:
+        if self._throttled:
+            limit = max(1, math.floor(limit * s.throttled_decrease))
+            self._slow_start = False
+        elif pressed or slower:
             limit = max(1, math.floor(limit * s.decrease))
             self._slow_start = False
         elif self._reached:
@@ -155,6 +165,7 @@ class ConcurrencyLimit:
         self._window_end = now + max(s.min_window_s, self._mean_rtt or 0.0)
         self._reached = self._in_flight >= limit
         self._answers = self._backpressure = self._rtt_count = 0
+        self._throttled = False
         self._rtt_sum = 0.0
         if limit != self._limit:
             self._limit = limit

@@ -4,7 +4,8 @@ A fixed read timeout must allow for the slowest legitimate answer, so a call tha
 slot, its record and (for a batch) hundreds of rows for that long. Here each endpoint keeps the
 round trips of its recent successes, and an attempt may take `factor` times their 99th percentile,
 never less than `floor_s` and never more than the configured read timeout. Until enough successes
-were seen the read timeout applies unchanged, so a cold start is never cut short.
+were seen, `cold_s` applies. Delivery doubles the timeout for each retry of a request that timed
+out, up to the read timeout, so an API that is slower than any timeout so far is still waited for.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class TimeoutSettings:
     ceiling_s: float
     """The configured read timeout: no attempt is allowed longer."""
     floor_s: float = 2.0
+    cold_s: float = 5.0
+    """Before `min_samples` successes: a hang at start-up costs seconds, a slower API a retry or two."""
     factor: float = 4.0
     samples: int = 256
     min_samples: int = 32
@@ -32,11 +35,15 @@ class AttemptTimeout:
         self._ring: list[float] = []
         self._next = 0
         self._fresh = 0
-        self._current = settings.ceiling_s
+        self._current = min(settings.ceiling_s, max(settings.floor_s, settings.cold_s))
 
     @property
     def seconds(self) -> float:
         return self._current
+
+    @property
+    def ceiling_s(self) -> float:
+        return self._s.ceiling_s
 
     def observe(self, rtt_s: float) -> None:
         """A successful attempt's round trip."""

@@ -24,7 +24,7 @@ from service.errors import RejectedError
 from service.events import Event, LogUpdate, NewInference, RowUpdate
 from service.httpclient import HttpxClient
 from service.metrics import Metrics
-from service.routes import ApiRequest, Destination, RecordCoordinates, Router
+from service.routes import ApiRequest, Destination, Endpoint, RecordCoordinates, Router
 from service.settings import DeliverySettings
 
 OL = "https://openlayer.test/v1"
@@ -675,3 +675,18 @@ async def test_a_not_yet_record_gives_back_its_slots_while_it_waits() -> None:
 
     assert await h.deliver(req(UPDATE_LOG), parking=parked) == DeliveryReport(status=200, attempts=3)
     assert parked.events == ["park", "resume", "park", "resume"]
+
+
+async def test_an_api_slower_than_the_learned_timeout_is_waited_for_with_longer_attempts() -> None:
+    async def slow(_: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.15)
+        return ok()
+
+    h = harness(slow, min_attempt_timeout_s=0.05, read_timeout_s=5.0)
+    learned = h.guards[Destination.HUMANLOOP].timeouts[Endpoint.UPDATE_LOG]
+    for _ in range(64):
+        learned.observe(0.001)  # it was fast until now: attempts are cut at the 50 ms floor
+    assert learned.seconds == pytest.approx(0.05)
+
+    # 50 ms, then 100 ms are cut; the third attempt may take 200 ms and gets its answer.
+    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=3)

@@ -57,6 +57,19 @@ def test_back_pressure_cuts_and_ends_slow_start() -> None:
     assert limit.limit == 90 + 9, "after the first cut it grows by about the square root, not doubling"
 
 
+def test_a_429_halves_the_limit() -> None:
+    limit, clock, _ = make(initial=100)
+    for _ in range(100):
+        assert limit.try_acquire()
+    limit.release(None, throttled=True)  # one 429 among a hundred answers
+    for _ in range(99):
+        limit.release(0.05)
+    clock.now += 0.25
+    assert limit.try_acquire()
+    limit.release(None)
+    assert limit.limit == 50
+
+
 def test_a_little_back_pressure_among_many_answers_is_noise() -> None:
     limit, clock, _ = make(initial=100)
     window(limit, clock, rtt=0.05)

@@ -7,11 +7,15 @@ from service.timeouts import AttemptTimeout, TimeoutSettings
 SETTINGS = TimeoutSettings(ceiling_s=30.0, floor_s=2.0, factor=4.0, samples=100, min_samples=20, refresh_every=10)
 
 
-def test_the_read_timeout_applies_until_enough_successes_were_seen() -> None:
+def test_the_cold_timeout_applies_until_enough_successes_were_seen() -> None:
     timeout = AttemptTimeout(SETTINGS)
     for _ in range(19):
         timeout.observe(0.005)
-    assert timeout.seconds == 30.0
+    assert timeout.seconds == 5.0
+
+
+def test_the_cold_timeout_never_exceeds_the_read_timeout() -> None:
+    assert AttemptTimeout(TimeoutSettings(ceiling_s=1.0, floor_s=0.5)).seconds == 1.0
 
 
 def test_fast_answers_give_the_floor() -> None:
