@@ -2,8 +2,9 @@
 measured against the limits of its own stack on the same machine in the same run.
 
 It starts a local Kafka broker (or uses `KAFKA_BOOTSTRAP_SERVERS`) and the sink, runs the reference
-loops (`bench.refs`) pinned to the service's core, then the phases (`bench.harness`), and prints a
-table and, as its last line, one JSON object with every figure (`bench.report`).
+loops (`bench.refs`) pinned to the service's core and on the service's event loop, then the phases
+(`bench.harness`), and prints a table and, as its last line, one JSON object with every figure
+(`bench.report`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,23 @@ from typing import Any
 
 from fastavro import parse_schema
 
+from service.runtime import event_loop_factory
+
 from . import kafka
 from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench, Options, PhaseResult, merge_rounds
 from .procs import Sink
-from .refs import REFERENCE_KEYS, Rate, decode_only, mean, pinned, raw_aiohttp, run_all
+from .refs import (
+    RAW_CALLS,
+    RAW_CLIENT_KEYS,
+    RAW_SECONDS,
+    REFERENCE_KEYS,
+    Rate,
+    decode_only,
+    mean,
+    pinned,
+    raw_loop,
+    run_all,
+)
 from .report import num, rounded, summary, table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,9 +49,9 @@ JARS = REPO / ".cache" / "kafka" / "jars"
 Samples = dict[str, list[Rate]]
 
 
-async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
-    """The references and the phases; the two ratio references are sampled again right after the
-    phase they are the denominator of, and averaged, because this machine's speed drifts."""
+async def run_phases(bench: Bench, http_client: str) -> tuple[dict[str, Rate | None], Samples]:
+    """The references and the phases; the ratio references are sampled again right after the phase
+    they are the denominator of, and averaged, because this machine's speed drifts."""
     o = bench.o
     references: dict[str, Rate | None] = dict.fromkeys(REFERENCE_KEYS)
     samples: Samples = {}
@@ -45,17 +59,22 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
     schema = parse_schema(bench.factory.encoder.raw["inference"])
     core = int(SERVICE_CPU) if bench.pinning else None
     base_url = f"{bench.sink.base_url}/openlayer/v1"
+    # The update phases are divided by raw aiohttp, raw pyreqwest and the raw loop of the service's own
+    # client (one of those two unless it is httpx).
+    raw_keys = list(dict.fromkeys(("raw_http_per_s", "raw_pyreqwest_per_s", RAW_CLIENT_KEYS.get(http_client, ""))))
+    again = {"inferences": ["decode_only_per_s"], "row_updates": [key for key in raw_keys if key]}
     if "references" not in o.skip:
         print("reference loops ...", flush=True)
         references = await run_all(base_url, values, schema, o.concurrency, core)
         print("  " + ", ".join(f"{k} {num(v.per_s if v else None)}" for k, v in references.items()), flush=True)
-        samples = {key: [first] for key in ("decode_only_per_s", "raw_http_per_s") if (first := references[key])}
-    again = {"inferences": "decode_only_per_s", "row_updates": "raw_http_per_s"}
+        samples = {key: [first] for keys in again.values() for key in keys if (first := references[key])}
+    client_of = {key: client for client, key in RAW_CLIENT_KEYS.items()}
 
     async def measure_again(key: str) -> Rate:
         if key == "decode_only_per_s":
             return decode_only(values, schema)
-        return await raw_aiohttp(base_url, o.concurrency, 60_000, 10.0)
+        client = client_of[key]
+        return await raw_loop(client)(base_url, o.concurrency, RAW_CALLS[client], RAW_SECONDS)
 
     plan = (
         ("inferences", "inference", o.inference_records, 0.0),
@@ -73,7 +92,9 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
             f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, drained {res.drained}",
             flush=True,
         )
-        if (key := again.get(phase)) in samples:
+        for key in again.get(phase, []):
+            if key not in samples:
+                continue
             with pinned(core):
                 samples[key].append(await measure_again(key))
             references[key] = mean(samples[key])
@@ -88,7 +109,11 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
             res = await bench.backlog(f"{phase}-r{n}", kind, count, latency_ms)
             del bench.results[f"{phase}-r{n}"]
             rounds[phase].append(res)
-            print(f"  [{phase}] round {n}: {res.rate:,.0f} {res.unit}", flush=True)
+            print(
+                f"  [{phase}] round {n}: {res.rate:,.0f} {res.unit}, service CPU {100 * res.service_cpu_util:.0f}%, "
+                f"{res.per_cpu_s:,.0f} per CPU-s",
+                flush=True,
+            )
     for phase, results in rounds.items():
         if len(results) > 1:
             bench.results[phase] = merge_rounds(results)
@@ -103,7 +128,8 @@ async def run_phases(bench: Bench) -> tuple[dict[str, Rate | None], Samples]:
             x = res.extra
             if x:
                 print(
-                    f"  [latency] p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms, max {x['max_ms']:.1f} ms; "
+                    f"  [latency] p50 {x['p50_ms']:.1f} ms, p99 {x['p99_ms']:.1f} ms, max {x['max_ms']:.1f} ms, "
+                    f"service CPU {100 * res.service_cpu_util:.0f}%; "
                     f"p50/max ms by second of production (the first {x['warmup_s']:.0f} are warm-up): "
                     + " ".join(f"{p}/{m}" for p, m in x["by_second"]),
                     flush=True,
@@ -146,7 +172,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-warmup", type=float, help="paced seconds before measuring (default 10; quick 3)")
     parser.add_argument("--phase-timeout", type=float, default=150.0, help="cap per update phase, seconds")
     parser.add_argument("--inference-timeout", type=float, default=360.0, help="cap on the inference phase, seconds")
-    parser.add_argument("--http-client", choices=("aiohttp", "httpx"), help="sets BRIDGE_DELIVERY__HTTP_CLIENT")
+    parser.add_argument("--http-client", choices=tuple(RAW_CLIENT_KEYS), help="sets BRIDGE_DELIVERY__HTTP_CLIENT")
     parser.add_argument("--service-dir", type=Path, default=REPO, help="where `python -m service` runs from")
     parser.add_argument("--profile", type=Path, nargs="?", const=Path(), help="py-spy every service run into DIR")
     parser.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames, the GC)")
@@ -205,21 +231,29 @@ def main(argv: list[str] | None = None) -> int:
         sink = Sink(OTHER_CPU if pinning else None, work_dir / "sink.log")
         stack.callback(sink.stop)
         bench = Bench(options, bootstrap, sink, pinning)
-        http_client = bench.http_client()
-        print(f"service http client: {http_client}", flush=True)
+        delivery = bench.delivery_settings()
+        http_client = str(delivery.get("http_client", "httpx (this service has no http_client setting)"))
+        # A service without the setting ran on asyncio's loop.
+        event_loop = str(delivery.get("event_loop", "asyncio"))
+        print(f"service http client: {http_client}; event loop (service and reference loops): {event_loop}", flush=True)
 
         async def go() -> tuple[dict[str, Rate | None], Samples]:
             try:
-                return await run_phases(bench)
+                return await run_phases(bench, http_client)
             finally:
                 await sink.aclose()
 
-        references, samples = asyncio.run(go())
+        # The reference loops run on the loop the service runs on: the raw loops send more calls per
+        # CPU-second on uvloop than on asyncio (aiohttp's about 1.1x, pyreqwest's about 1.4x, measured
+        # with `python -m bench.clients --event-loop`), so references on asyncio flattered the ratios.
+        with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
+            references, samples = runner.run(go())
     machine["load_end"] = _load()
-    figures = summary(bench, references)
+    figures = summary(bench, references, http_client)
     figures["reference_samples_per_s"] = {key: [round(r.per_s, 1) for r in rates] for key, rates in samples.items()}
     figures["bench_seconds"] = round(time.monotonic() - started, 1)
     figures["http_client"] = http_client
+    figures["event_loop"] = event_loop
     figures["service_settings"] = {
         "reference_concurrency": str(options.concurrency),
         "partitions": str(options.partitions),

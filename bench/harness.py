@@ -112,7 +112,11 @@ def merge_rounds(rounds: list[PhaseResult]) -> PhaseResult:
         capped=any(r.capped for r in rounds),
         exit_code=next((r.exit_code for r in rounds if r.exit_code), first.exit_code),
         log_problems=sum(r.log_problems for r in rounds),
-        extra={**first.extra, "round_rates": [round(r.rate, 1) for r in rounds]},
+        extra={
+            **first.extra,
+            "round_rates": [round(r.rate, 1) for r in rounds],
+            "round_service_cpu_util": [round(r.service_cpu_util, 3) for r in rounds],
+        },
     )
 
 
@@ -170,8 +174,9 @@ class Bench:
             extra=extra,
         )
 
-    def http_client(self) -> str:
-        """The HTTP client the service will use, from its own `check-config` output."""
+    def delivery_settings(self) -> dict[str, Any]:
+        """The delivery settings the service will run with (its HTTP client, its event loop), from its own
+        `check-config` output."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
         env.update(self._environment(self._topics("check"), "check"))
         done = subprocess.run(
@@ -184,8 +189,7 @@ class Bench:
         )
         if done.returncode != 0:
             raise RuntimeError(f"the service refused the bench's settings:\n{done.stderr.decode()}")
-        delivery = json.loads(done.stdout)["delivery"]
-        return str(delivery.get("http_client", "httpx (this service has no http_client setting)"))
+        return dict(json.loads(done.stdout)["delivery"])
 
     async def _prepare_topics(self, topics: Topics) -> None:
         names = topics.all() + [topics.dlq(t) for t in topics.all()]

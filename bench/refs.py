@@ -1,11 +1,14 @@
 """Reference loops: what this machine's core can do with the service's own building blocks, no Kafka.
 
-They run in the bench process, pinned to the service's core, against the same sink, in the same run,
-so the service's figures can be read as ratios: `decode_only_per_s` is fastavro decoding the very
-records the inference phase publishes, `raw_http_per_s` is aiohttp's `ClientSession` sending the
-update calls at the service's concurrency, `raw_httpx_per_s` the same with a plain httpx
-`AsyncClient`. The bridge's own `HttpClient` implementations are measured the same way, through
-the interface delivery uses, which is how the client was chosen.
+They run in the bench process, pinned to the service's core, on the service's event loop, against the
+same sink, in the same run, so the service's figures can be read as ratios: `decode_only_per_s` is
+fastavro decoding the very records the inference phase publishes, `raw_http_per_s` is aiohttp's
+`ClientSession` sending the update calls at the service's concurrency, `raw_pyreqwest_per_s` and
+`raw_httpx_per_s` the same with a pyreqwest `Client` and a plain httpx `AsyncClient`. The bridge's own
+`HttpClient` implementations are measured the same way, through the interface delivery uses, which
+is how the client is chosen.
+
+`python -m bench.clients` runs the HTTP loops alone, a few seconds each, for comparing clients.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import aiohttp
 import httpx
 import orjson
 from fastavro import schemaless_reader
+from pyreqwest.client import ClientBuilder
 
+from service.http_reqwest import PyreqwestClient, configure_runtime
 from service.httpclient import AiohttpClient, HttpClient, HttpxClient
 
 _HEADERS = {"content-type": "application/json", "accept": "application/json", "authorization": "Bearer bench-key"}
@@ -110,6 +115,21 @@ async def raw_aiohttp(base_url: str, concurrency: int, count: int, max_seconds: 
         return await _drive(send, concurrency, count, max_seconds)
 
 
+async def raw_pyreqwest(base_url: str, concurrency: int, count: int, max_seconds: float) -> Rate:
+    # On the runtime PyreqwestClient uses (one Tokio worker thread), so this is the limit of the
+    # service's client as it runs; the library's default single-threaded runtime measured the same.
+    configure_runtime()
+    async with ClientBuilder().runtime_multithreaded(True).follow_redirects(False).build() as client:
+
+        async def send(i: int) -> None:
+            url, params, body = update_call(base_url, i)
+            response = await client.put(url).query(params).headers(_HEADERS).body_bytes(body).build().send()
+            if response.status != 200:
+                raise RuntimeError(f"sink answered {response.status}")
+
+        return await _drive(send, concurrency, count, max_seconds)
+
+
 async def raw_httpx(base_url: str, concurrency: int, count: int, max_seconds: float) -> Rate:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0, pool=None)) as client:
@@ -162,11 +182,34 @@ async def bridge_client(
 REFERENCE_KEYS = (
     "decode_only_per_s",
     "raw_http_per_s",
+    "raw_pyreqwest_per_s",
     "raw_httpx_per_s",
     "httpx_over_aiohttp_per_s",
     "bridge_aiohttp_client_per_s",
+    "bridge_pyreqwest_client_per_s",
     "bridge_httpx_client_per_s",
 )
+RAW_CLIENT_KEYS = {"aiohttp": "raw_http_per_s", "pyreqwest": "raw_pyreqwest_per_s", "httpx": "raw_httpx_per_s"}
+"""The raw loop of each library the service can be configured with (`BRIDGE_DELIVERY__HTTP_CLIENT`)."""
+
+
+def raw_loop(client: str) -> Callable[[str, int, int, float], Awaitable[Rate]]:
+    """The raw loop of one library, by its name in `RAW_CLIENT_KEYS`."""
+    return {"aiohttp": raw_aiohttp, "pyreqwest": raw_pyreqwest, "httpx": raw_httpx}[client]
+
+
+RAW_CALLS = {"aiohttp": 60_000, "pyreqwest": 200_000, "httpx": 6_000}
+"""Calls per raw loop: enough for its time cap (`RAW_SECONDS`) at this machine's rates."""
+RAW_SECONDS = 10.0
+
+
+def _set_affinity(cpus: set[int]) -> None:
+    # Every thread, not just the caller's: pyreqwest's Tokio runtime has threads of its own, and a
+    # thread keeps the affinity it was created with, so pinning only this one would let them run
+    # on the other core and flatter its loop.
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
 
 
 @contextlib.contextmanager
@@ -174,11 +217,11 @@ def pinned(core: int | None) -> Iterator[None]:
     """This process on `core` (the service's) meanwhile, so references and service share a core."""
     previous = os.sched_getaffinity(0)
     if core is not None:
-        os.sched_setaffinity(0, {core})
+        _set_affinity({core})
     try:
         yield
     finally:
-        os.sched_setaffinity(0, previous)
+        _set_affinity(previous)
 
 
 def mean(samples: Sequence[Rate]) -> Rate:
@@ -193,24 +236,24 @@ async def run_all(
     base_url: str, values: Sequence[bytes], schema: Any, concurrency: int, core: int | None
 ) -> dict[str, Rate | None]:
     """Every reference, pinned to `core` (the service's) meanwhile; keys are `REFERENCE_KEYS`."""
+
+    def bridge(cls: type[AiohttpClient | PyreqwestClient | HttpxClient]) -> Callable[[], HttpClient]:
+        return partial(cls, connect_timeout_s=5.0, read_timeout_s=30.0, max_connections=concurrency)
+
     with pinned(core):
         return {
             "decode_only_per_s": decode_only(values, schema),
-            "raw_http_per_s": await raw_aiohttp(base_url, concurrency, 60_000, 10.0),
-            "raw_httpx_per_s": await raw_httpx(base_url, concurrency, 6_000, 8.0),
+            "raw_http_per_s": await raw_aiohttp(base_url, concurrency, RAW_CALLS["aiohttp"], RAW_SECONDS),
+            "raw_pyreqwest_per_s": await raw_pyreqwest(base_url, concurrency, RAW_CALLS["pyreqwest"], RAW_SECONDS),
+            "raw_httpx_per_s": await raw_httpx(base_url, concurrency, RAW_CALLS["httpx"], 8.0),
             "httpx_over_aiohttp_per_s": await httpx_over_aiohttp(base_url, concurrency, 30_000, 8.0),
             "bridge_aiohttp_client_per_s": await bridge_client(
-                partial(AiohttpClient, connect_timeout_s=5.0, read_timeout_s=30.0, max_connections=concurrency),
-                base_url,
-                concurrency,
-                60_000,
-                10.0,
+                bridge(AiohttpClient), base_url, concurrency, RAW_CALLS["aiohttp"], RAW_SECONDS
+            ),
+            "bridge_pyreqwest_client_per_s": await bridge_client(
+                bridge(PyreqwestClient), base_url, concurrency, RAW_CALLS["pyreqwest"], RAW_SECONDS
             ),
             "bridge_httpx_client_per_s": await bridge_client(
-                partial(HttpxClient, connect_timeout_s=5.0, read_timeout_s=30.0, max_connections=concurrency),
-                base_url,
-                concurrency,
-                6_000,
-                8.0,
+                bridge(HttpxClient), base_url, concurrency, RAW_CALLS["httpx"], 8.0
             ),
         }

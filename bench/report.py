@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench
-from .refs import Rate
+from .refs import RAW_CLIENT_KEYS, Rate
 
 TARGETS: tuple[tuple[str, str], ...] = (
     ("inference_ratio >= 0.30", "inference_ratio"),
@@ -21,7 +21,27 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def summary(bench: Bench, references: dict[str, Rate | None]) -> dict[str, Any]:
+RATIOS: tuple[tuple[str, str, str, str], ...] = (
+    ("inference_ratio", "inferences", "decode_only_per_s", "inferences / fastavro decode"),
+    ("update_ratio", "row_updates", "raw_http_per_s", "row_updates / raw aiohttp (update_ratio)"),
+    ("row_updates_vs_raw_pyreqwest", "row_updates", "raw_pyreqwest_per_s", "row_updates / raw pyreqwest"),
+    ("row_updates_vs_raw_httpx", "row_updates", "raw_httpx_per_s", "row_updates / raw httpx"),
+    ("row_updates_50ms_vs_0ms", "row_updates_50ms", "row_updates", "row_updates_50ms / row_updates"),
+)
+"""(figure, numerator, denominator, label): a phase over a reference or over another phase. Each is given
+per wall second and, as `<figure>_per_cpu_s`, from the per-CPU-second figures (the service's CPU for a
+phase, this process's for a reference), which stay steadier when other work shares the machine."""
+
+
+def _ratios(http_client: str) -> list[tuple[str, str, str, str]]:
+    ratios = list(RATIOS)
+    if (key := RAW_CLIENT_KEYS.get(http_client)) is not None:
+        label = f"row_updates / raw {http_client}, the service's client"
+        ratios.insert(4, ("row_updates_vs_raw_client", "row_updates", key, label))
+    return ratios
+
+
+def summary(bench: Bench, references: dict[str, Rate | None], http_client: str) -> dict[str, Any]:
     r = bench.results
     rate = {name: (res.rate if name in r and (res := r[name]).calls > 1 else None) for name in PHASES}
     latency = r["latency"].extra if "latency" in r else {}
@@ -38,22 +58,25 @@ def summary(bench: Bench, references: dict[str, Rate | None]) -> dict[str, Any]:
         "rss_backlog_drained": inference.drained if inference else None,
         **{key: None if ref is None else ref.per_s for key, ref in references.items()},
     }
-    figures["inference_ratio"] = _ratio(figures["inferences_per_s"], figures["decode_only_per_s"])
-    figures["update_ratio"] = _ratio(figures["row_updates_per_s"], figures["raw_http_per_s"])
-    figures["row_updates_vs_raw_httpx"] = _ratio(figures["row_updates_per_s"], figures["raw_httpx_per_s"])
-    figures["row_updates_50ms_vs_0ms"] = _ratio(figures["row_updates_per_s_50ms"], figures["row_updates_per_s"])
     figures["latency_rate_per_s"] = r["latency"].rate if "latency" in r else None
     figures["latency_max_ms"] = latency.get("max_ms")
     figures["per_service_cpu_s"] = {name: round(res.per_cpu_s, 1) for name, res in r.items() if name != "latency"}
     figures["references_per_cpu_s"] = {
         key: round(ref.per_cpu_s, 1) for key, ref in references.items() if ref is not None
     }
-    per_cpu = figures["per_service_cpu_s"]
-    ref_cpu = figures["references_per_cpu_s"]
-    # The same ratios from CPU-normalised figures: steadier when other work shares the machine.
-    figures["inference_ratio_per_cpu_s"] = _ratio(per_cpu.get("inferences"), ref_cpu.get("decode_only_per_s"))
-    figures["update_ratio_per_cpu_s"] = _ratio(per_cpu.get("row_updates"), ref_cpu.get("raw_http_per_s"))
+    figures["references_cpu_util"] = {key: round(ref.cpu_util, 3) for key, ref in references.items() if ref is not None}
+    figures["row_updates_vs_raw_client"] = figures["row_updates_vs_raw_client_per_cpu_s"] = None  # unknown client
+    wall = {**{name: rate[name] for name in PHASES}, **figures}
+    per_cpu = {**figures["per_service_cpu_s"], **figures["references_per_cpu_s"]}
+    for name, numerator, denominator, _ in _ratios(http_client):
+        figures[name] = _ratio(wall.get(numerator), wall.get(denominator))
+        figures[f"{name}_per_cpu_s"] = _ratio(per_cpu.get(numerator), per_cpu.get(denominator))
+    figures["row_updates_vs_raw_aiohttp"] = figures["update_ratio"]
+    figures["row_updates_vs_raw_aiohttp_per_cpu_s"] = figures["update_ratio_per_cpu_s"]
     figures["round_rates"] = {name: res.extra["round_rates"] for name, res in r.items() if "round_rates" in res.extra}
+    figures["round_service_cpu_util"] = {
+        name: res.extra["round_service_cpu_util"] for name, res in r.items() if "round_service_cpu_util" in res.extra
+    }
     figures["service_log_problems"] = {name: res.log_problems for name, res in r.items()}
     figures["service_cpu_util"] = {name: round(res.service_cpu_util, 3) for name, res in r.items()}
     figures["sink_cpu_util"] = {name: round(res.sink_cpu_util, 3) for name, res in r.items() if name != "latency"}
@@ -92,6 +115,7 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         f"service pinned to core {SERVICE_CPU if bench.pinning else '-'} "
         f"(sink{'' if machine['external_broker'] else ', broker'}"
         f" and bench on core {OTHER_CPU if bench.pinning else '-'}); http client: {figures['http_client']};"
+        f" event loop (service and references): {figures['event_loop']};"
         f" {o.partitions} partitions/topic; max_connections {o.concurrency}; overrides: {o.overrides or 'none'}",
         "throughput = sink's first-to-last request of the phase; 'per CPU-s' = that over the service's CPU use",
         "",
@@ -107,7 +131,12 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
             f"{num(res.drain_s, 1) if res.drained else 'NO':>10}{res.peak_rss_mib:>9.0f}"
             + ("  (capped by time)" if res.capped else "")
             + (
-                f"  (mean of rounds: {', '.join(num(v) for v in rates)})"
+                "  (mean of rounds: "
+                + ", ".join(
+                    f"{num(v)} at {100 * c:.0f}% CPU"
+                    for v, c in zip(rates, res.extra.get("round_service_cpu_util", []), strict=False)
+                )
+                + ")"
                 if (rates := res.extra.get("round_rates"))
                 else ""
             )
@@ -130,18 +159,32 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
     for key, label in (
         ("decode_only_per_s", "fastavro decode of the inference records"),
         ("raw_http_per_s", "aiohttp ClientSession"),
+        ("raw_pyreqwest_per_s", "pyreqwest Client"),
         ("raw_httpx_per_s", "httpx AsyncClient"),
         ("httpx_over_aiohttp_per_s", "httpx API over httpx-aiohttp transport"),
         ("bridge_aiohttp_client_per_s", "service.httpclient.AiohttpClient"),
+        ("bridge_pyreqwest_client_per_s", "service.http_reqwest.PyreqwestClient"),
         ("bridge_httpx_client_per_s", "service.httpclient.HttpxClient"),
     ):
         value = figures.get(key)
         per_cpu = figures["references_per_cpu_s"].get(key)
-        text = "not measured" if value is None else f"{value:>10,.0f} /s  {num(per_cpu):>10} per CPU-s"
+        cpu = figures["references_cpu_util"].get(key)
+        text = (
+            "not measured"
+            if value is None
+            else f"{value:>10,.0f} /s  CPU {100 * (cpu or 0):>3.0f}%  {num(per_cpu):>10} per CPU-s"
+        )
         taken = figures.get("reference_samples_per_s", {}).get(key, [])
         if len(taken) > 1:
             text += "  (mean of " + ", ".join(num(v) for v in taken) + ")"
         lines.append(f"  {label:<44}{text}")
+    lines += [
+        "",
+        "ratios: per wall second, and from per-CPU-second figures (service CPU for a phase, this process's for"
+        " a reference)",
+    ]
+    for name, *_, label in _ratios(figures["http_client"]):
+        lines.append(f"  {label:<60}{num(figures[name], 2):>8}{num(figures[f'{name}_per_cpu_s'], 2):>10}")
     lines += ["", "targets:"]
     values = {
         "inference_ratio": figures["inference_ratio"],
