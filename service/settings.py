@@ -405,9 +405,29 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     except ValidationError as exc:
         for err in exc.errors():
             lines.append(f"  {_describe(tuple(err['loc']), err['type'], err['msg'], err.get('ctx'))}")
+    except RecursionError:
+        # JSON nested deeper than the parser's recursion limit, in some JSON-typed variable; the
+        # parser does not say which, so name the ones that take JSON.
+        lines.append(
+            f"  a {ENV_PREFIX}* variable holds JSON nested too deeply to read (a section, or one of "
+            f"{', '.join(_json_variables())})"
+        )
     if lines or settings is None:
         raise SettingsError(f"{len(lines)} setting(s) invalid:\n" + "\n".join(lines))
     return settings
+
+
+def _json_variables() -> list[str]:
+    """The variables whose values are JSON (dicts and lists), for an error that cannot name the one at fault."""
+    names = []
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, field in model.model_fields.items():
+                text = str(field.annotation)
+                if text.startswith(("dict", "list")) or "dict[" in text:
+                    names.append(_env_name((section, name)))
+    return names
 
 
 def _from_mapping(environ: Mapping[str, str]) -> Settings:

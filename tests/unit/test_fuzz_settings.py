@@ -103,12 +103,6 @@ def test_a_secret_file_that_is_not_text(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["BRIDGE_OPENLAYER__DEFAULT_CONFIG", "BRIDGE_TOPICS__DLQ_OVERRIDES", "BRIDGE_KAFKA"])
-@pytest.mark.xfail(
-    raises=RecursionError,
-    strict=True,
-    reason="bug in service/settings.py (not fixed here): JSON nested ~1,000 deep in a JSON-typed variable makes "
-    "pydantic-settings' json.loads raise RecursionError, which load_settings does not turn into a SettingsError",
-)
 def test_deeply_nested_json_is_a_settings_error(name: str) -> None:
     # An environment value can hold 128 KiB; 100,000 brackets are a valid (if absurd) variable.
     assert_loads_or_explains({**REQUIRED, name: "[" * 100_000})
