@@ -1,4 +1,5 @@
-"""`python -m service` runs the bridge; `check-config` validates and prints settings; `replay` re-drives a DLQ.
+"""`python -m service` runs the bridge; `check-config` validates and prints settings; `replay` re-drives a DLQ;
+`dlq` summarises and shows what a DLQ holds (read-only).
 
 Exit codes: 0 after a clean stop, 2 for invalid settings (every problem is listed), 1 when the
 service stopped because it could not keep its delivery promise (nothing past it was committed).
@@ -32,8 +33,8 @@ async def _serve(settings: Settings, redact: Redactor) -> None:
 
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "run"
-    if command not in ("run", "check-config", "replay"):
-        print(f"unknown command {command!r}; use: python -m service [run|check-config|replay]", file=sys.stderr)
+    if command not in ("run", "check-config", "replay", "dlq"):
+        print(f"unknown command {command!r}; use: python -m service [run|check-config|replay|dlq]", file=sys.stderr)
         return 2
     try:
         settings = load_settings()
@@ -49,6 +50,10 @@ def main(argv: list[str]) -> int:
         from .replay import main as replay_main
 
         return replay_main(argv[1:], settings)
+    if command == "dlq":
+        from .dlq_inspect import main as dlq_main
+
+        return dlq_main(argv[1:], settings, redact)
     tune_garbage_collector()
     try:
         with asyncio.Runner(loop_factory=event_loop_factory(settings.delivery.event_loop)) as runner:

@@ -66,6 +66,22 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
+def build_reader(settings: KafkaSettings, *, role: str) -> AIOKafkaConsumer:
+    """A consumer without a group, for read-only tools: it is assigned partitions and seeks; it never joins a
+    group and cannot commit an offset (aiokafka refuses to commit without a group id)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        client_id=f"{settings.client_id}-{role}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.max_poll_records,
+        fetch_max_bytes=settings.fetch_max_bytes,
+        max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        **security_options(settings),
+    )
+
+
 def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s: float) -> AIOKafkaProducer:
     """An idempotent acks=all producer, for writes that must be on the broker before an offset moves."""
     return AIOKafkaProducer(
