@@ -89,7 +89,8 @@ async def run_phases(bench: Bench, http_client: str) -> tuple[dict[str, Rate | N
         res = await bench.backlog(phase, kind, count, latency_ms)
         print(
             f"  [{phase}] {res.rate:,.0f} {res.unit} over {res.window_s:.1f}s, service CPU "
-            f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, drained {res.drained}",
+            f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, "
+            f"{res.extra.get('peak_threads', 0)} threads at most, drained {res.drained}",
             flush=True,
         )
         for key in again.get(phase, []):
@@ -243,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 await sink.aclose()
 
-        # The reference loops run on the loop the service runs on: the raw loops send more calls per
-        # CPU-second on uvloop than on asyncio (aiohttp's about 1.1x, pyreqwest's about 1.4x, measured
-        # with `python -m bench.clients --event-loop`), so references on asyncio flattered the ratios.
+        # The reference loops run on the loop the service runs on, because a client's rate depends on the
+        # loop (pyreqwest's raw loop sent about 1.3x the calls per CPU-second on uvloop than on asyncio,
+        # `python -m bench.clients --event-loop`): references on another loop skew the ratios.
         with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
             references, samples = runner.run(go())
     machine["load_end"] = _load()

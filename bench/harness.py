@@ -36,7 +36,7 @@ from tests.support.bridge import Topics, bridge_environment
 
 from . import kafka
 from .data import PIPELINE_CONFIGS_ENV, RecordFactory
-from .procs import Profiler, ServiceProcess, Sink, cpu_seconds
+from .procs import Profiler, ServiceProcess, Sink, cpu_seconds, thread_count
 from .profile import render, summarise
 
 SERVICE_CPU, OTHER_CPU = "0", "1"
@@ -116,6 +116,7 @@ def merge_rounds(rounds: list[PhaseResult]) -> PhaseResult:
             **first.extra,
             "round_rates": [round(r.rate, 1) for r in rounds],
             "round_service_cpu_util": [round(r.service_cpu_util, 3) for r in rounds],
+            "peak_threads": max(r.extra.get("peak_threads", 0) for r in rounds),
         },
     )
 
@@ -238,6 +239,7 @@ class Bench:
                     raise RuntimeError(f"the service exited with {service.returncode}:\n{service.tail()}")
                 samples.append(_Sample(time.time(), service.cpu_seconds(), cpu_seconds(self.sink.pid)))
                 result.peak_rss_mib = service.peak_rss_mib()
+                result.extra["peak_threads"] = max(result.extra.get("peak_threads", 0), thread_count(service.pid))
                 done = stats.get("rows", 0)
                 if done >= count:
                     break

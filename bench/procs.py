@@ -33,6 +33,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def thread_count(pid: int) -> int:
+    """How many threads a process has now (pyreqwest's Tokio runtime adds its own to the interpreter's)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:  # it exited meanwhile
+        return 0
+
+
 def peak_rss_kib(pid: int) -> int:
     """VmHWM: the process's peak resident set size so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -79,6 +79,9 @@ def summary(bench: Bench, references: dict[str, Rate | None], http_client: str) 
     }
     figures["service_log_problems"] = {name: res.log_problems for name, res in r.items()}
     figures["service_cpu_util"] = {name: round(res.service_cpu_util, 3) for name, res in r.items()}
+    figures["service_peak_threads"] = {
+        name: res.extra["peak_threads"] for name, res in r.items() if "peak_threads" in res.extra
+    }
     figures["sink_cpu_util"] = {name: round(res.sink_cpu_util, 3) for name, res in r.items() if name != "latency"}
     figures["targets_met"] = _targets(figures)
     return figures
