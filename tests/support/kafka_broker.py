@@ -1,7 +1,13 @@
-"""A real single-node Kafka 4.x broker (KRaft, combined broker+controller) for tests and `make demo`,
+"""A real single-node Kafka broker (KRaft, combined broker+controller) for tests and `make demo`,
 run straight from the Maven-resolved jars because these machines have Java but no Docker engine.
 `kafka_endpoint` picks, in order: `KAFKA_BOOTSTRAP_SERVERS`, testcontainers when a Docker
 engine answers, then `LocalKafkaBroker`. Everything is started by pid and stopped by pid, never by name.
+
+The jars decide the version (`make kafka-jars`: the 4.x the suite runs on; `make compat`: 3.7 and later). What
+differs between versions is handled here, from the jars: Kafka 3.x logs through Log4j 1 (reload4j) and 4.x
+through Log4j 2, each with its own config file and system property; the single-node quorum is dynamic
+(`controller.quorum.bootstrap.servers` and `format --standalone`, KIP-853) from 3.9, static
+(`controller.quorum.voters`, formatted without a flag) before; the share-group settings exist from 4.0.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -42,10 +49,16 @@ rootLogger.appenderRef.out.ref = STDOUT
 logger.raft.name = kafka.server.KafkaRaftServer
 logger.raft.level = INFO
 """
+# The same for Kafka 3.x, whose backend is Log4j 1 (reload4j): without a config it logs nothing at all.
+_LOG4J1 = """log4j.rootLogger=WARN, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+"""
 # One node on loopback, internal topics shrunk to 1 partition so the first group/transaction is quick.
 _SERVER_PROPERTIES = """process.roles=broker,controller
 node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:{cport}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 inter.broker.listener.name=PLAINTEXT
@@ -71,10 +84,48 @@ num.recovery.threads.per.data.dir=1
 # the cleaner allocates this on the heap at start-up; the 128 MiB default would be a quarter of it
 log.cleaner.dedupe.buffer.size=16777216
 """
+# The quorum of one: dynamic (KIP-853, formatted with --standalone) where the version has it, else static.
+_DYNAMIC_QUORUM = {"controller.quorum.bootstrap.servers": "127.0.0.1:{cport}"}
+_STATIC_QUORUM = {"controller.quorum.voters": "1@127.0.0.1:{cport}"}
+_SHARE_GROUP_KEYS = ("share.coordinator.",)
+"""Settings a broker before 4.0 does not know (it would warn about each one)."""
 # Small and quick to warm up: C1 only, serial GC (2-core CI boxes), die rather than limp on OOM.
 _JVM_FLAGS = ("-Xms384m", "-Xmx512m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryError")
 _PROBE_GROUP = b"inference-bridge-readiness-probe"
 _MISSING_JARS = "Kafka jars not found in {}: run `make kafka-jars` first (needs Java 17+ and Maven)."
+
+
+def kafka_version(jars_dir: Path) -> tuple[int, ...]:
+    """The broker version of a jars directory, from its kafka_2.13-<version>.jar: (3, 9, 2)."""
+    for jar in jars_dir.glob("kafka_2.13-*.jar"):
+        if found := re.fullmatch(r"kafka_2\.13-(\d+(?:\.\d+)*)\.jar", jar.name):
+            return tuple(int(part) for part in found.group(1).split("."))
+    raise FileNotFoundError(_MISSING_JARS.format(jars_dir))
+
+
+def supports_dynamic_quorum(version: tuple[int, ...]) -> bool:
+    """`kafka-storage format --standalone` and `controller.quorum.bootstrap.servers` (KIP-853): 3.9 on."""
+    return version >= (3, 9)
+
+
+def supports_scram_at_format(version: tuple[int, ...]) -> bool:
+    """`kafka-storage format --add-scram` (KIP-900), which the SCRAM users of a KRaft node need: 3.5 on."""
+    return version >= (3, 5)
+
+
+def server_properties(
+    version: tuple[int, ...], data: Path, ports: Mapping[str, int], extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The node's server.properties for a Kafka version: the defaults, the quorum of one the version supports
+    (dynamic from 3.9, static before), no share-group keys before 4.0, then `extra` (`{port}` etc. filled in)."""
+    text = _SERVER_PROPERTIES.format(data=data, **ports)
+    props = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    quorum = _DYNAMIC_QUORUM if supports_dynamic_quorum(version) else _STATIC_QUORUM
+    props.update({key: value.format(**ports) for key, value in quorum.items()})
+    if version < (4,):
+        props = {key: value for key, value in props.items() if not key.startswith(_SHARE_GROUP_KEYS)}
+    props.update({key: value.format(**ports) for key, value in extra.items()})
+    return props
 
 
 def free_port() -> int:
@@ -166,6 +217,11 @@ class LocalKafkaBroker:
             raise FileNotFoundError("no `java` on PATH and JAVA_HOME unset: Kafka needs Java 17+")
         self._java = java
         self._jars_dir = jars_dir.resolve()
+        self.version = kafka_version(self._jars_dir)
+        # Log4j 2 (log4j-core) from 4.0; Log4j 1 (reload4j) before: pick the backend the jars hold.
+        self._log4j2 = any(self._jars_dir.glob("log4j-core-*.jar"))
+        if scram_users and not supports_scram_at_format(self.version):
+            raise ValueError(f"Kafka {self.version_text} cannot create SCRAM users at format time (3.5+ can)")
         self._extra = dict(extra_properties or {})
         self._scram_users = dict(scram_users or {})
         self._work: Path | None = None
@@ -179,6 +235,10 @@ class LocalKafkaBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
 
     @property
     def log_path(self) -> Path:
@@ -238,25 +298,32 @@ class LocalKafkaBroker:
 
     def _java_cmd(self, jvm_flags: tuple[str, ...], *args: str) -> list[str]:
         assert self._work is not None
-        props = (f"log4j2.configurationFile={self._work}/log4j2.properties", f"java.io.tmpdir={self._work}/tmp")
+        logging = (
+            f"log4j2.configurationFile={self._work}/log4j2.properties"
+            if self._log4j2
+            else f"log4j.configuration=file:{self._work}/log4j.properties"
+        )
+        props = (logging, f"java.io.tmpdir={self._work}/tmp")
         # "-cp dir/*" is expanded by the JVM itself, so no shell is involved anywhere
         return [self._java, *jvm_flags, *(f"-D{p}" for p in props), "-cp", f"{self._jars_dir}/*", *args]
 
     def _format(self) -> None:
         self._work = Path(tempfile.mkdtemp(prefix="ib-kafka-", dir=_base_dir()))
         (self._work / "tmp").mkdir()
-        (self._work / "log4j2.properties").write_text(_LOG4J2)
+        if self._log4j2:
+            (self._work / "log4j2.properties").write_text(_LOG4J2)
+        else:
+            (self._work / "log4j.properties").write_text(_LOG4J1)
         self.port, self.controller_port, self.extra_port = free_port(), free_port(), free_port()
         self.extra_ports = (self.extra_port, free_port(), free_port())
         ports = {"port": self.port, "cport": self.controller_port, "xport": self.extra_port}
         ports.update(xport2=self.extra_ports[1], xport3=self.extra_ports[2])
-        text = _SERVER_PROPERTIES.format(data=self._work / "data", **ports)
-        props = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        props.update({key: value.format(**ports) for key, value in self._extra.items()})
+        props = server_properties(self.version, self._work / "data", ports, self._extra)
         config = self._work / "server.properties"
         config.write_text("".join(f"{key}={value}\n" for key, value in props.items()))
         tool = _find_class(self._jars_dir, "kafka.tools.StorageTool", "org.apache.kafka.tools.StorageTool")
-        args = [tool, "format", "--standalone", "-t", _cluster_id(), "-c", str(config)]
+        standalone = ["--standalone"] if supports_dynamic_quorum(self.version) else []
+        args = [tool, "format", *standalone, "-t", _cluster_id(), "-c", str(config)]
         for name, password in self._scram_users.items():
             for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
                 # argparse4j takes this as one argument; no shell is involved, so no quoting is needed
@@ -314,8 +381,14 @@ def _docker_answers() -> bool:
 
 @contextlib.contextmanager
 def kafka_endpoint(jars_dir: Path) -> Iterator[KafkaEndpoint]:
-    """Env var first, then testcontainers if Docker answers, then a local broker from the jars."""
-    if external := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    """Env var first, then testcontainers if Docker answers, then a local broker from the jars.
+
+    `KAFKA_BROKER=local` skips the first two: `make compat` tests the version of its jars, never another broker.
+    """
+    if os.environ.get("KAFKA_BROKER") == "local":
+        with LocalKafkaBroker(jars_dir) as broker:
+            yield KafkaEndpoint(broker.bootstrap_servers, broker)
+    elif external := os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         yield KafkaEndpoint(external, None)
     elif _docker_answers():
         from testcontainers.community.kafka import KafkaContainer
