@@ -168,16 +168,10 @@ class Delivery:
                 seconds = min(seconds, PROBE_TIMEOUT_S)
             started = time.monotonic()
             try:
-                async with asyncio.timeout(seconds):
-                    response = await self._client.send(
-                        request.method, request.url, request.params, guard.headers, request.body
-                    )
-            except (TransportFailure, TimeoutError) as exc:
-                failure = (
-                    exc
-                    if isinstance(exc, TransportFailure)
-                    else TransportFailure("timeout", f"no answer in {seconds:.1f}s")
+                response = await self._client.send(
+                    request.method, request.url, request.params, guard.headers, request.body, seconds
                 )
+            except TransportFailure as failure:
                 timeouts += failure.kind == "timeout"
                 limit.release(None, backpressure=failure.kind == "timeout")
                 self._metrics.call(endpoint, destination, None, time.monotonic() - started)

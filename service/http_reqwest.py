@@ -9,10 +9,11 @@ tests/unit/test_httpclient.py run the same cases over all three clients), with t
 - HTTP/2 is offered by ALPN on TLS connections; plain `http://` stays HTTP/1.1, as with aiohttp.
 - The path is sent exactly as given (routes.py has already percent-encoded it); aiohttp re-quotes
   it and decodes `%26`, `%3D` and the like, which servers read the same way.
-- A send cancelled by the caller (delivery's `asyncio.timeout`) returns at once, but the exchange
-  goes on in the Rust runtime until the answer arrives or `read_timeout_s` passes: pyreqwest
-  detaches the request rather than aborting it. The connection is then pooled again, or closed; it
-  is not leaked, and nothing is logged.
+- A send cancelled by the caller returns at once, but the exchange goes on in the Rust runtime
+  until the answer arrives or its timeout passes: pyreqwest detaches the request rather than
+  aborting it. So delivery's attempt timeout is passed in (`timeout_s`) and enforced by reqwest
+  itself; only a stop or a revoke cancels a send, and then the connection is pooled again or
+  closed, not leaked, and nothing is logged.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pyreqwest.exceptions import (
     RequestTimeoutError,
 )
 
-from .httpclient import HttpResponse, TransportFailure
+from .httpclient import HttpResponse, LastTimeout, TransportFailure
 
 RUNTIME_WORKER_THREADS: Final = 1
 RUNTIME_BLOCKING_THREADS: Final = 4
@@ -64,6 +65,7 @@ class PyreqwestClient:
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> None:
         configure_runtime()
+        self._timeouts = LastTimeout(lambda s: timedelta(seconds=s), timedelta(seconds=read_timeout_s))
         self._client = (
             ClientBuilder()
             .runtime_multithreaded(True)
@@ -91,11 +93,15 @@ class PyreqwestClient:
         params: tuple[tuple[str, str], ...],
         headers: Mapping[str, str],
         body: bytes,
+        timeout_s: float | None = None,
     ) -> HttpResponse:
         try:
             request = self._client.request(method, url).headers(headers).body_bytes(body)
             if params:
                 request = request.query(params)
+            if timeout_s is not None:
+                # Enforced in the runtime, so a timed-out exchange ends there too (see the module doc).
+                request = request.timeout(self._timeouts.get(timeout_s))
             # A consumed request has its whole body read before `send` returns.
             response = await request.build().send()
             content = bytes(await response.bytes())

@@ -9,13 +9,15 @@ concurrency), `HttpxClient` and `PyreqwestClient`. `build_http_client` picks one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 from urllib.request import getproxies_environment
 
 import aiohttp
 import httpx
+
+T = TypeVar("T")
 
 HttpClientKind = Literal["aiohttp", "httpx", "pyreqwest"]
 
@@ -44,18 +46,59 @@ class HttpClient(Protocol):
         params: tuple[tuple[str, str], ...],
         headers: Mapping[str, str],
         body: bytes,
-    ) -> HttpResponse: ...
+        timeout_s: float | None = None,
+    ) -> HttpResponse:
+        """One attempt; `timeout_s` bounds it whole (delivery's attempt timeout), else the configured timeouts do.
+
+        The client enforces it rather than the caller cancelling the call: a cancelled pyreqwest
+        exchange would go on in its runtime (service/http_reqwest.py), and this costs no timer task.
+        """
+        ...
 
     async def aclose(self) -> None: ...
 
 
-class HttpxClient:
-    """One shared `httpx.AsyncClient` with bounded connections and explicit timeouts."""
+class LastTimeout(Generic[T]):
+    """The client's timeout object for an attempt timeout, kept for the last value asked.
 
-    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> None:
+    Delivery's attempt timeout changes only every few dozen calls (service/timeouts.py), so one
+    entry saves building an object per call without a cache that grows with every value seen.
+    """
+
+    def __init__(self, build: Callable[[float], T], default: T) -> None:
+        self._build = build
+        self._default = default
+        self._seconds: float | None = None
+        self._value = default
+
+    def get(self, seconds: float | None) -> T:
+        if seconds is None:
+            return self._default
+        if seconds != self._seconds:
+            self._seconds, self._value = seconds, self._build(seconds)
+        return self._value
+
+
+class HttpxClient:
+    """One shared `httpx.AsyncClient` with bounded connections and explicit timeouts.
+
+    `transport` replaces the connection pool (tests use httpx's MockTransport as the wire).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        # No pool timeout: callers are admitted by delivery's per-destination limit.
+        default = httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None)
+        self._timeouts = LastTimeout(lambda s: httpx.Timeout(s, connect=min(s, connect_timeout_s), pool=None), default)
         self._client = httpx.AsyncClient(
-            # No pool timeout: callers are admitted by delivery's per-destination slots.
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=None),
+            timeout=default,
+            transport=transport,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             # A redirect to another host would carry our API key along; the documented endpoints
             # never redirect, so treat one as an answer to classify, not a hop to follow.
@@ -69,9 +112,14 @@ class HttpxClient:
         params: tuple[tuple[str, str], ...],
         headers: Mapping[str, str],
         body: bytes,
+        timeout_s: float | None = None,
     ) -> HttpResponse:
+        # httpx times each phase, not the whole: the attempt timeout bounds each wait for bytes.
+        timeout = self._timeouts.get(timeout_s)
         try:
-            response = await self._client.request(method, url, params=params, headers=headers, content=body)
+            response = await self._client.request(
+                method, url, params=params, headers=headers, content=body, timeout=timeout
+            )
         except httpx.TimeoutException as exc:
             raise TransportFailure("timeout", type(exc).__name__) from exc
         except httpx.ConnectError as exc:
@@ -93,17 +141,22 @@ class AiohttpClient:
     """
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> None:
+        # `connect` would include waiting for a pooled connection; callers are admitted by
+        # delivery's per-destination slots, so only the socket connect itself is timed. aiohttp
+        # has no write timeout: `total` is the backstop against a peer that stops reading.
+        configured = aiohttp.ClientTimeout(
+            total=connect_timeout_s + 2 * read_timeout_s,
+            connect=None,
+            sock_connect=connect_timeout_s,
+            sock_read=read_timeout_s,
+        )
+        # The default is the configured object itself: aiohttp reads `timeout=None` as "no timeout".
+        self._timeouts = LastTimeout(
+            lambda s: aiohttp.ClientTimeout(total=s, connect=None, sock_connect=min(s, connect_timeout_s)), configured
+        )
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
-            # `connect` would include waiting for a pooled connection; callers are admitted by
-            # delivery's per-destination slots, so only the socket connect itself is timed. aiohttp
-            # has no write timeout: `total` is the backstop against a peer that stops reading.
-            timeout=aiohttp.ClientTimeout(
-                total=connect_timeout_s + 2 * read_timeout_s,
-                connect=None,
-                sock_connect=connect_timeout_s,
-                sock_read=read_timeout_s,
-            ),
+            timeout=configured,
             # Like httpx, honour HTTP(S)_PROXY / NO_PROXY. aiohttp re-reads the environment on every
             # request when asked to, which halved calls/s in `make bench`, so ask only if a proxy is set.
             trust_env=bool(getproxies_environment()),
@@ -116,11 +169,13 @@ class AiohttpClient:
         params: tuple[tuple[str, str], ...],
         headers: Mapping[str, str],
         body: bytes,
+        timeout_s: float | None = None,
     ) -> HttpResponse:
+        timeout = self._timeouts.get(timeout_s)
         try:
             # A redirect to another host would carry our API key along (see HttpxClient).
             async with self._session.request(
-                method, url, params=params, headers=headers, data=body, allow_redirects=False
+                method, url, params=params, headers=headers, data=body, allow_redirects=False, timeout=timeout
             ) as response:
                 content = await response.read()
                 return HttpResponse(

@@ -11,8 +11,10 @@ manner of Vector's adaptive request concurrency and Netflix's AIMD limit:
   `backpressure_share` of the window's answers (a few hung calls among thousands are not an
   overload, and cutting on each of them would starve a healthy API), or when the window's mean
   latency exceeded the running mean by `latency_tolerance`;
-- it is halved (`throttled_decrease`) when a 429 came back: under a token bucket every call in
-  flight when the bucket runs dry comes back 429, so the limit is what sets the share of 429s;
+- it is halved (`throttled_decrease`) when 429s came back from a good part of what was in flight
+  (half the limit, or a tenth of the window's answers): under a token bucket every call in flight
+  when the bucket runs dry comes back 429, so the limit is what sets the share of 429s, while a
+  stray 429 now and then says nothing about how many calls are too many;
 - it never leaves [1, ceiling]; the ceiling is `BRIDGE_DELIVERY__MAX_CONNECTIONS`.
 
 A server's Retry-After is a pause of the whole destination (`pause_until`): under a token bucket a
@@ -66,7 +68,7 @@ class ConcurrencyLimit:
         self._reached = False
         self._answers = 0
         self._backpressure = 0
-        self._throttled = False
+        self._throttled = 0
         self._rtt_sum = 0.0
         self._rtt_count = 0
 
@@ -125,7 +127,7 @@ class ConcurrencyLimit:
         self._in_flight -= 1
         self._answers += 1
         if throttled:
-            self._throttled = True
+            self._throttled += 1
         elif backpressure:
             self._backpressure += 1
         elif rtt_s is not None:
@@ -152,7 +154,7 @@ class ConcurrencyLimit:
         limit = self._limit
         pressed = self._answers > 0 and self._backpressure >= max(1.0, s.backpressure_share * self._answers)
         slower = mean is not None and self._mean_rtt is not None and mean > self._mean_rtt * (1 + s.latency_tolerance)
-        if self._throttled:
+        if self._throttled and self._throttled >= min(limit / 2, s.backpressure_share * self._answers):
             limit = max(1, math.floor(limit * s.throttled_decrease))
             self._slow_start = False
         elif pressed or slower:
@@ -165,7 +167,7 @@ class ConcurrencyLimit:
         self._window_end = now + max(s.min_window_s, self._mean_rtt or 0.0)
         self._reached = self._in_flight >= limit
         self._answers = self._backpressure = self._rtt_count = 0
-        self._throttled = False
+        self._throttled = 0
         self._rtt_sum = 0.0
         if limit != self._limit:
             self._limit = limit

@@ -89,13 +89,11 @@ class Wire:
         return [json.loads(r.content) for r in self.requests]
 
 
-class MockedHttpxClient(HttpxClient):
-    """`HttpxClient.send` unchanged, over a MockTransport instead of a connection pool.
-
-    `HttpxClient.__init__` takes no transport, so it is not called; everything Delivery uses is `send`."""
-
-    def __init__(self, wire: Wire) -> None:
-        self._client = httpx.AsyncClient(transport=httpx.MockTransport(wire), follow_redirects=False)
+def mocked_httpx_client(wire: Wire) -> HttpxClient:
+    """The real `HttpxClient` over a MockTransport instead of a connection pool."""
+    return HttpxClient(
+        connect_timeout_s=5.0, read_timeout_s=30.0, max_connections=64, transport=httpx.MockTransport(wire)
+    )
 
 
 class Key:
@@ -145,7 +143,7 @@ class Harness:
         breaker: BreakerSettings = FAST_BREAKER,
     ) -> None:
         self.wire = wire
-        self.client = MockedHttpxClient(wire)
+        self.client = mocked_httpx_client(wire)
         self.keys = {Destination.OPENLAYER: Key(OL_KEY), Destination.HUMANLOOP: Key(HL_KEY)}
         self.pauses: dict[Destination, list[float]] = {dest: [] for dest in Destination}
         self.breaker_changes: list[tuple[Destination, BreakerState, Fault | None]] = []
@@ -607,14 +605,18 @@ async def test_a_permanent_refusal_closes_an_open_breaker() -> None:
 # --- the API's own trouble: hangs, rate limits, refused keys, not-yet rows ------------------------------------------
 
 
-async def test_a_hung_call_is_cut_by_the_attempt_timeout_and_retried() -> None:
-    async def hang(_: httpx.Request) -> httpx.Response:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
+def attempt_timeouts(wire: Wire) -> list[float]:
+    """The timeout each attempt was sent with, as httpx hands it to the transport (the client enforces it;
+    tests/unit/test_httpclient.py shows each client cutting a stalled answer at its timeout)."""
+    return [float(r.extensions["timeout"]["read"]) for r in wire.requests]
 
-    h = harness(hang, ok(), read_timeout_s=0.05)
 
-    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=2)
+async def test_before_latency_is_known_an_attempt_gets_the_cold_timeout() -> None:
+    h = harness(ok())
+
+    await h.deliver(req(UPDATE_LOG))
+
+    assert attempt_timeouts(h.wire) == [5.0]
 
 
 async def test_429_neither_opens_the_breaker_nor_dead_letters() -> None:
@@ -677,16 +679,13 @@ async def test_a_not_yet_record_gives_back_its_slots_while_it_waits() -> None:
     assert parked.events == ["park", "resume", "park", "resume"]
 
 
-async def test_an_api_slower_than_the_learned_timeout_is_waited_for_with_longer_attempts() -> None:
-    async def slow(_: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.15)
-        return ok()
-
-    h = harness(slow, min_attempt_timeout_s=0.05, read_timeout_s=5.0)
+async def test_a_timed_out_request_is_retried_with_twice_the_timeout_up_to_the_read_timeout() -> None:
+    cut = httpx.ReadTimeout("no answer")
+    h = harness(cut, cut, cut, cut, cut, ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
     learned = h.guards[Destination.HUMANLOOP].timeouts[Endpoint.UPDATE_LOG]
     for _ in range(64):
         learned.observe(0.001)  # it was fast until now: attempts are cut at the 50 ms floor
     assert learned.seconds == pytest.approx(0.05)
 
-    # 50 ms, then 100 ms are cut; the third attempt may take 200 ms and gets its answer.
-    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=3)
+    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=6)
+    assert attempt_timeouts(h.wire) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5, 0.5])

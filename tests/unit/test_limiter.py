@@ -57,17 +57,26 @@ def test_back_pressure_cuts_and_ends_slow_start() -> None:
     assert limit.limit == 90 + 9, "after the first cut it grows by about the square root, not doubling"
 
 
-def test_a_429_halves_the_limit() -> None:
-    limit, clock, _ = make(initial=100)
-    for _ in range(100):
+def throttled_window(limit: ConcurrencyLimit, clock: ManualClock, *, answers: int, throttled: int) -> None:
+    for _ in range(answers):
         assert limit.try_acquire()
-    limit.release(None, throttled=True)  # one 429 among a hundred answers
-    for _ in range(99):
-        limit.release(0.05)
+    for i in range(answers):
+        limit.release(None if i < throttled else 0.05, throttled=i < throttled)
     clock.now += 0.25
     assert limit.try_acquire()
     limit.release(None)
+
+
+def test_429s_from_much_of_what_was_in_flight_halve_the_limit() -> None:
+    limit, clock, _ = make(initial=100)
+    throttled_window(limit, clock, answers=100, throttled=50)  # a token bucket ran dry
     assert limit.limit == 50
+
+
+def test_a_stray_429_does_not_cut_the_limit() -> None:
+    limit, clock, _ = make(initial=100)
+    throttled_window(limit, clock, answers=100, throttled=1)
+    assert limit.limit >= 100
 
 
 def test_a_little_back_pressure_among_many_answers_is_noise() -> None:

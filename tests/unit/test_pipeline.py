@@ -78,11 +78,11 @@ class FakeProducer:
         return 3
 
 
-class MockedHttpxClient(HttpxClient):
-    """`HttpxClient.send` unchanged, over a MockTransport (HttpxClient's constructor takes no transport)."""
-
-    def __init__(self, handler: Callable[[httpx.Request], httpx.Response]) -> None:
-        self._client = httpx.AsyncClient(transport=httpx.MockTransport(handler), follow_redirects=False)
+def mocked_httpx_client(handler: Callable[[httpx.Request], httpx.Response]) -> HttpxClient:
+    """The real `HttpxClient` over a MockTransport instead of a connection pool."""
+    return HttpxClient(
+        connect_timeout_s=5.0, read_timeout_s=30.0, max_connections=64, transport=httpx.MockTransport(handler)
+    )
 
 
 class Api:
@@ -164,7 +164,7 @@ class Bench:
             ),
         }
         delivery = Delivery(
-            MockedHttpxClient(api),
+            mocked_httpx_client(api),
             settings,
             guards,
             rng=rng,
