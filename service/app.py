@@ -181,6 +181,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
                 max_in_flight_per_partition=d.max_in_flight_per_partition,
                 max_in_flight_total=d.max_in_flight_total,
                 max_buffered_per_partition=d.max_buffered_per_partition,
+                max_uncommitted_per_partition=d.max_uncommitted_per_partition,
                 commit_interval_s=settings.kafka.commit_interval_s,
                 drain_timeout_s=d.drain_timeout_s,
                 max_poll_records=settings.kafka.max_poll_records,

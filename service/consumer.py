@@ -41,6 +41,7 @@ class LoopSettings:
     commit_interval_s: float
     drain_timeout_s: float
     max_poll_records: int
+    max_uncommitted_per_partition: int = 50_000
     poll_timeout_ms: int = 200
     commit_after_records: int = 1000
     """Commit before the timer once a partition's done prefix moved this far: a kill repeats less."""
@@ -80,6 +81,11 @@ class PartitionWorker:
     @property
     def backlog(self) -> int:
         """Records taken from Kafka and not yet done (queued, waiting, parked or in flight)."""
+        return self.tracker.open
+
+    @property
+    def uncommitted(self) -> int:
+        """Records from the first one not done on, done or not: what a crash would read again."""
         return self.tracker.pending
 
     @property
@@ -293,12 +299,15 @@ class ConsumerLoop:
         return False
 
     def _apply_backpressure(self) -> None:
+        # Two bounds: records not done (memory for their values and tasks), and records a crash
+        # would repeat (a record stuck in retry holds the commit point while later ones finish).
         limit = self._settings.max_buffered_per_partition
+        span = self._settings.max_uncommitted_per_partition
         for tp, worker in self._workers.items():
-            if tp not in self._paused and worker.backlog >= limit:
+            if tp not in self._paused and (worker.backlog >= limit or worker.uncommitted >= span):
                 self._consumer.pause(tp)
                 self._paused.add(tp)
-            elif tp in self._paused and worker.backlog <= limit // 2:
+            elif tp in self._paused and worker.backlog <= limit // 2 and worker.uncommitted <= span // 2:
                 self._consumer.resume(tp)
                 self._paused.discard(tp)
 

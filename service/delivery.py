@@ -116,7 +116,11 @@ def build_guard(
     return Guard(
         breaker=Breaker(destination.value, breaker, rng=rng, on_change=on_breaker),
         limit=ConcurrencyLimit(
-            LimitSettings(ceiling=settings.max_connections, initial=min(32, settings.max_connections)),
+            LimitSettings(
+                ceiling=settings.max_connections,
+                initial=min(32, settings.max_connections),
+                floor=min(4, settings.max_connections),
+            ),
             on_change=on_limit,
         ),
         key=key,

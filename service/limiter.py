@@ -12,10 +12,10 @@ manner of Vector's adaptive request concurrency and Netflix's AIMD limit:
   overload, and cutting on each of them would starve a healthy API), or when the window's mean
   latency exceeded the running mean by `latency_tolerance`;
 - it is halved (`throttled_decrease`) when 429s came back from a good part of what was in flight
-  (half the limit, or a tenth of the window's answers): under a token bucket every call in flight
+  (half the limit, or a quarter of the window's answers): under a token bucket every call in flight
   when the bucket runs dry comes back 429, so the limit is what sets the share of 429s, while a
   stray 429 now and then says nothing about how many calls are too many;
-- it never leaves [1, ceiling]; the ceiling is `BRIDGE_DELIVERY__MAX_CONNECTIONS`.
+- it never leaves [floor, ceiling]; the ceiling is `BRIDGE_DELIVERY__MAX_CONNECTIONS`.
 
 A server's Retry-After is a pause of the whole destination (`pause_until`): under a token bucket a
 429 describes the destination, not the call, so other callers must not spend their turn on a
@@ -36,9 +36,12 @@ from dataclasses import dataclass
 class LimitSettings:
     initial: int = 32
     ceiling: int = 512
+    floor: int = 4
+    """The lowest limit back pressure leads to: a few calls in flight overload nothing, and under random
+    faults a limit of one turns every hung call into a stall of the whole destination."""
     decrease: float = 0.9
     throttled_decrease: float = 0.5
-    backpressure_share: float = 0.1
+    backpressure_share: float = 0.25
     latency_tolerance: float = 1.0
     """Cut when the window's mean latency exceeds (1 + this) x the running mean."""
     ewma_alpha: float = 0.4
@@ -58,7 +61,7 @@ class ConcurrencyLimit:
         self._s = settings
         self._clock = clock
         self._on_change = on_change
-        self._limit = max(1, min(settings.initial, settings.ceiling))
+        self._limit = min(settings.ceiling, max(settings.initial, settings.floor))
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._slow_start = True
@@ -155,10 +158,10 @@ class ConcurrencyLimit:
         pressed = self._answers > 0 and self._backpressure >= max(1.0, s.backpressure_share * self._answers)
         slower = mean is not None and self._mean_rtt is not None and mean > self._mean_rtt * (1 + s.latency_tolerance)
         if self._throttled and self._throttled >= min(limit / 2, s.backpressure_share * self._answers):
-            limit = max(1, math.floor(limit * s.throttled_decrease))
+            limit = max(s.floor, math.floor(limit * s.throttled_decrease))
             self._slow_start = False
         elif pressed or slower:
-            limit = max(1, math.floor(limit * s.decrease))
+            limit = max(s.floor, math.floor(limit * s.decrease))
             self._slow_start = False
         elif self._reached:
             limit = min(s.ceiling, limit * 2 if self._slow_start else limit + max(1, math.isqrt(limit)))

@@ -31,7 +31,13 @@ class OffsetTracker:
 
     @property
     def pending(self) -> int:
+        """Records from the first one not done on: what a restart would read again."""
         return len(self._order)
+
+    @property
+    def open(self) -> int:
+        """Records not done yet (done ones behind an unfinished record are pending but not open)."""
+        return len(self._order) - len(self._done)
 
     def committable(self) -> int | None:
         """The offset to commit (the next record to read), or None when nothing has finished yet."""

@@ -276,13 +276,18 @@ class DeliverySettings(_Section):
         default=512, ge=1, description="ceiling of the adaptive limit on concurrent calls per destination"
     )
     max_in_flight_per_partition: int = Field(
-        default=256, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
+        default=1000, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
     )
     max_in_flight_total: int = Field(
         default=4096, ge=1, description="records started and not yet done across all partitions of this member"
     )
     max_buffered_per_partition: int = Field(
         default=2000, ge=1, description="records taken from Kafka and not yet done; above it the partition pauses"
+    )
+    max_uncommitted_per_partition: int = Field(
+        default=50_000,
+        ge=1,
+        description="records from the oldest one not done on (what a crash repeats); above it the partition pauses",
     )
     drain_timeout_s: float = Field(default=20.0, gt=0, description="bounded wait for in-flight calls on stop")
     breaker_failure_rate: float = Field(

@@ -35,7 +35,7 @@ class FakeConsumer:
 
     async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, list[Any]]:
         await asyncio.sleep(0.001)
-        if self.batches:
+        if self.batches and TP not in self.paused:  # as aiokafka: a paused partition is not fetched
             return {TP: self.batches.pop(0)}
         return {}
 
@@ -144,3 +144,53 @@ async def test_a_full_backlog_pauses_the_partition_and_half_of_it_resumes_it() -
     stop.set()
     await asyncio.wait_for(running, 10)
     assert consumer.commits[-1] == {TP: 50}
+
+
+async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bound_not_the_buffered_one() -> None:
+    consumer = FakeConsumer()
+    consumer.batches = [records(0, 100), records(100, 100), records(200, 100)]
+    stuck: asyncio.Future[None] | None = None
+
+    async def first_stuck(record: SourceRecord) -> Work:
+        def start(lender: Lender) -> asyncio.Future[None]:
+            nonlocal stuck
+            future = asyncio.get_running_loop().create_future()
+            if record.offset == 0:
+                stuck = future  # a record stuck in retry: it holds the commit point
+            else:
+                future.set_result(None)
+            return future
+
+        return Work(key=None, start=start)
+
+    loop = ConsumerLoop(
+        consumer,
+        first_stuck,
+        LoopSettings(
+            max_in_flight_per_partition=256,
+            max_in_flight_total=4096,
+            max_buffered_per_partition=150,
+            max_uncommitted_per_partition=250,
+            commit_interval_s=3600.0,
+            drain_timeout_s=0.01,
+            max_poll_records=500,
+        ),
+        Metrics(),
+        HealthState(stale_after_s=60),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    async def fetched_and_paused() -> None:
+        while consumer.batches or TP not in consumer.paused:  # noqa: ASYNC110  # the fake has no event for it
+            await asyncio.sleep(0.001)
+
+    # Every batch is fetched: the 200 done records behind the stuck one do not count against the buffered
+    # bound (150 not done); the 300 uncommitted ones then hold the partition at the uncommitted bound (250).
+    await asyncio.wait_for(fetched_and_paused(), 10)
+    assert stuck is not None
+    stuck.set_result(None)
+    while TP in consumer.paused:  # noqa: ASYNC110
+        await asyncio.sleep(0.001)
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert consumer.commits[-1] == {TP: 300}

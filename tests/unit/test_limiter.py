@@ -83,7 +83,7 @@ def test_a_little_back_pressure_among_many_answers_is_noise() -> None:
     limit, clock, _ = make(initial=100)
     window(limit, clock, rtt=0.05)
     before = limit.limit
-    window(limit, clock, rtt=0.05, back=5)  # 5 hung calls among 200
+    window(limit, clock, rtt=0.05, back=40)  # 20% random faults: 40 hung calls among 200
     assert limit.limit >= before
 
 
@@ -99,14 +99,14 @@ def test_latency_growth_cuts_then_the_new_latency_becomes_normal() -> None:
     assert limit.limit > high * 0.9, "once 200 ms is the running mean, the limit grows again"
 
 
-def test_it_stays_within_one_and_the_ceiling() -> None:
+def test_it_stays_within_the_floor_and_the_ceiling() -> None:
     limit, clock, _ = make(initial=4, ceiling=50)
     for _ in range(20):
         window(limit, clock, rtt=0.05)
     assert limit.limit == 50
     for _ in range(100):
         window(limit, clock, rtt=0.05, back=limit.limit)
-    assert limit.limit == 1
+    assert limit.limit == 4
 
 
 def test_changes_are_reported() -> None:
@@ -117,7 +117,7 @@ def test_changes_are_reported() -> None:
 
 
 async def test_waiters_get_freed_slots_in_order() -> None:
-    limit, _, _ = make(initial=1)
+    limit, _, _ = make(initial=1, floor=1)
     assert limit.try_acquire()
     order: list[int] = []
 
@@ -135,7 +135,7 @@ async def test_waiters_get_freed_slots_in_order() -> None:
 
 
 async def test_a_cancelled_waiter_passes_its_slot_on() -> None:
-    limit, _, _ = make(initial=1)
+    limit, _, _ = make(initial=1, floor=1)
     assert limit.try_acquire()
     first = asyncio.create_task(limit.acquire())
     second = asyncio.create_task(limit.acquire())
