@@ -32,10 +32,11 @@ from .health import HealthState, OpsServer
 from .httpclient import build_http_client
 from .kafka_clients import KafkaDeadLetterProducer, build_consumer
 from .metrics import Metrics
-from .pipeline import Pipeline, publish_batch
+from .pipeline import Pipeline, publish_batch, publish_linked_batch
 from .registry import SchemaRegistry
 from .routes import Destination, Router
 from .settings import Settings
+from .tracing import build_tracing
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
         ops = OpsServer(health, metrics, obs.http_host, obs.http_port)
         await ops.start()
         stack.push_async_callback(ops.stop)
+        # From the OTEL_* environment; off (costing nothing) unless an OTLP endpoint is set. Closed after
+        # everything that ends spans, so a clean stop exports the last of them (bounded: the collector may be down).
+        tracing = build_tracing(
+            group_id=settings.kafka.group_id,
+            max_batch_rows=settings.batch.max_rows,
+            on_dropped=lambda count, reason: metrics.trace_spans_dropped.labels(reason).inc(count),
+        )
+        stack.push_async_callback(tracing.aclose)
+        if tracing.enabled:
+            for reason in ("queue_full", "export_failed"):
+                metrics.trace_spans_dropped.labels(reason)
         http = build_http_client(
             d.http_client,
             connect_timeout_s=d.connect_timeout_s,
@@ -128,7 +140,9 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             )
         codec = AvroCodec(SchemaSet.from_dir(settings.schemas_dir), registry, sr.wire_format)
 
-        delivery = Delivery(http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics)
+        delivery = Delivery(
+            http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics, tracing=tracing
+        )
         ol = settings.openlayer
         router = Router(
             openlayer_base_url=ol.base_url,
@@ -157,6 +171,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             max_bytes=b.max_bytes,
             linger_s=b.linger_ms / 1000,
             on_batch=metrics.batch_rows.observe,
+            linked_flush=partial(publish_linked_batch, router, delivery, tracing) if tracing.enabled else None,
         )
         stack.push_async_callback(batcher.aclose)
         pipeline = Pipeline(
@@ -170,12 +185,13 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             initial_backoff_s=d.initial_backoff_s,
             max_backoff_s=d.max_backoff_s,
             metrics=metrics,
+            tracing=tracing,
         )
         consumer = build_consumer(settings.kafka)
         stack.push_async_callback(consumer.stop)
         await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
         loop = ConsumerLoop(
-            consumer,
+            tracing.watch(consumer),  # with tracing on, notes when records were fetched (a span's start)
             pipeline.prepare,
             LoopSettings(
                 max_in_flight_per_partition=d.max_in_flight_per_partition,

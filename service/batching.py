@@ -9,6 +9,9 @@ a batch with a status that can be about single rows (400, 413, 422), the batch i
 and each half retried, down to single rows:
 good rows are delivered, and only the rows that are refused on their own fail, each with the
 evidence of its own call. Each submitter awaits the outcome of its own row.
+
+With tracing on, each row carries its record's span (opaque here) and a batch goes to `linked_flush`, which
+also gets those spans, so the call's span can link to them.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ SPLITTABLE_STATUSES = frozenset({400, 413, 422})
 """Refusals that one bad row (or a too-large body) can cause; others (401, 404, ...) hold for every row."""
 
 Flush = Callable[[Hashable, Sequence[bytes]], Awaitable[None]]
+LinkedFlush = Callable[[Hashable, Sequence[bytes], Sequence[object]], Awaitable[None]]
+"""A flush that also gets each row's trace (the span of its record), in the order of the rows."""
 
 
 @dataclass(slots=True)
 class _Row:
     body: bytes
     outcome: asyncio.Future[None]
+    trace: object = None
 
 
 @dataclass(slots=True)
@@ -48,8 +54,10 @@ class Batcher:
         max_bytes: int,
         linger_s: float,
         on_batch: Callable[[int], None] = lambda size: None,
+        linked_flush: LinkedFlush | None = None,
     ) -> None:
         self._flush = flush
+        self._linked_flush = linked_flush
         self._max_rows = max_rows
         self._max_bytes = max_bytes
         self._linger_s = linger_s
@@ -62,8 +70,11 @@ class Batcher:
         """Add one row; return when it was delivered, raise `RejectedError` when it was refused."""
         await self.add(key, body)
 
-    def add(self, key: Hashable, body: bytes) -> asyncio.Future[None]:
-        """Add one row; its future completes when it was delivered, or fails with `RejectedError`."""
+    def add(self, key: Hashable, body: bytes, trace: object = None) -> asyncio.Future[None]:
+        """Add one row; its future completes when it was delivered, or fails with `RejectedError`.
+
+        `trace` is the span of the row's record when tracing is on (see `linked_flush`).
+        """
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
@@ -72,7 +83,7 @@ class Batcher:
             batch = self._open[key] = _Open()
         if batch.rows and batch.size + len(body) > self._max_bytes:
             self._close(key, batch)
-        row = _Row(body, loop.create_future())
+        row = _Row(body, loop.create_future(), trace)
         batch.rows.append(row)
         batch.size += len(body)
         if len(batch.rows) >= self._max_rows or batch.size >= self._max_bytes:
@@ -105,7 +116,10 @@ class Batcher:
 
     async def _send(self, key: Hashable, rows: list[_Row]) -> None:
         try:
-            await self._flush(key, [row.body for row in rows])
+            if self._linked_flush is not None and rows[0].trace is not None:  # tracing on: every row has one
+                await self._linked_flush(key, [row.body for row in rows], [row.trace for row in rows])
+            else:
+                await self._flush(key, [row.body for row in rows])
         except RejectedError as exc:
             status = exc.evidence.status
             if len(rows) > 1 and status in SPLITTABLE_STATUSES:

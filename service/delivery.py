@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlencode
 
+from opentelemetry.trace import Span
+
 from .breaker import Breaker, BreakerSettings, BreakerState, Fault
 from .classify import Verdict, backoff_s, classify, retry_after_s
 from .errors import HttpEvidence, RejectedError
@@ -35,6 +37,7 @@ from .metrics import Metrics
 from .routes import ApiRequest, Destination, Endpoint
 from .settings import DeliverySettings
 from .timeouts import AttemptTimeout, TimeoutSettings
+from .tracing import Tracing, log_fields
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +142,10 @@ class Delivery:
         rng: random.Random,
         metrics: Metrics,
         wall_clock: Callable[[], float] = time.time,
+        tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing or Tracing()
         self._client = client
         self._settings = settings
         self._guards = guards
@@ -148,8 +153,9 @@ class Delivery:
         self._now = wall_clock
 
     async def deliver(
-        self, request: ApiRequest, record_timestamp_ms: int, parking: Parking | None = None
+        self, request: ApiRequest, record_timestamp_ms: int, parking: Parking | None = None, trace: Span | None = None
     ) -> DeliveryReport:
+        """`trace`: the span of the record (or batch) this call is for; each attempt gets a child span."""
         guard = self._guards[request.destination]
         breaker, limit = guard.breaker, guard.limit
         timeout = guard.timeouts[request.endpoint]
@@ -170,12 +176,18 @@ class Delivery:
             seconds = min(timeout.ceiling_s, timeout.seconds * 2**timeouts)
             if probe:
                 seconds = min(seconds, PROBE_TIMEOUT_S)
+            headers, call = guard.headers, None
+            if trace is not None:
+                call = self._tracing.start_call(trace, request, attempt)
+                headers = self._tracing.inject(call, headers)
             started = time.monotonic()
             try:
                 response = await self._client.send(
-                    request.method, request.url, request.params, guard.headers, request.body, seconds
+                    request.method, request.url, request.params, headers, request.body, seconds
                 )
             except TransportFailure as failure:
+                if call is not None:
+                    self._tracing.end_call(call, None, failure.kind)
                 timeouts += failure.kind == "timeout"
                 limit.release(None, backpressure=failure.kind == "timeout")
                 self._metrics.call(endpoint, destination, None, time.monotonic() - started)
@@ -183,16 +195,21 @@ class Delivery:
                 breaker.failed(Fault.OUTAGE, probe=probe)
                 failures += 1
                 log.warning(
-                    "call failed, will retry", extra={"endpoint": endpoint, "error": str(failure), "attempt": attempt}
+                    "call failed, will retry",
+                    extra={"endpoint": endpoint, "error": str(failure), "attempt": attempt, **log_fields(trace)},
                 )
                 await self._backoff(failures)
                 continue
             except BaseException:
+                if call is not None:
+                    self._tracing.end_call(call, None, "cancelled")
                 limit.cancelled()
                 breaker.released(probe=probe)
                 raise
             rtt = time.monotonic() - started
             status = response.status
+            if call is not None:
+                self._tracing.end_call(call, status, None)
             self._metrics.call(endpoint, destination, status, rtt)
             verdict = classify(status, request.endpoint, response.headers)
             if verdict is Verdict.SUCCESS:
@@ -222,7 +239,8 @@ class Delivery:
                 if pause is not None:
                     limit.pause_until(time.monotonic() + pause)
                 log.warning(
-                    "retryable status, will retry", extra={"endpoint": endpoint, "status": status, "attempt": attempt}
+                    "retryable status, will retry",
+                    extra={"endpoint": endpoint, "status": status, "attempt": attempt, **log_fields(trace)},
                 )
                 failures += 1
                 if pause is None:
@@ -237,7 +255,8 @@ class Delivery:
                     continue
                 breaker.failed(Fault.AUTH, probe=probe)
                 log.warning(
-                    "API key refused, will retry", extra={"endpoint": endpoint, "status": status, "attempt": attempt}
+                    "API key refused, will retry",
+                    extra={"endpoint": endpoint, "status": status, "attempt": attempt, **log_fields(trace)},
                 )
                 failures += 1
                 await self._backoff(failures)

@@ -90,6 +90,13 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.trace_spans_dropped = Counter(
+            "bridge_trace_spans_dropped",
+            "Trace spans that never reach the collector: queue_full (the bounded export queue had no room) or"
+            " export_failed (the collector was unreachable or refused them). Delivery never waits for either.",
+            ["reason"],
+            registry=r,
+        )
         self._call_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._delivered_children: dict[str, Counter] = {}

@@ -14,6 +14,8 @@ from collections.abc import Coroutine, Hashable, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol, cast
 
+from opentelemetry.trace import Span
+
 from .batching import Batcher
 from .classify import backoff_s
 from .deadletter import DeadLetterWriter
@@ -23,6 +25,7 @@ from .events import Event, EventKind, NewInference
 from .metrics import Metrics
 from .records import Lender, SourceRecord, Work
 from .routes import ApiRequest, PublishRow, Router
+from .tracing import Tracing, log_fields
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,10 @@ class Pipeline:
         initial_backoff_s: float,
         max_backoff_s: float,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing or Tracing()
         self._decoder = decoder
         self._router = router
         self._delivery = delivery
@@ -59,20 +64,22 @@ class Pipeline:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def prepare(self, record: SourceRecord) -> Work:
+        # The record's span (None when tracing is off) goes with it to its outcome, as a parameter.
+        span = self._tracing.start_record(record)
         try:
-            event = await self._decode(record)
+            event = await self._decode(record, span)
             if isinstance(event, NewInference):
                 row = self._router.publish_row(event, record)
                 # Rows keep their order inside the batcher, so they need no key, and they batch.
-                return Work(key=None, start=partial(self._start_publish, record, row))
+                return Work(key=None, start=partial(self._start_publish, record, row, span))
             request = self._router.route(event, record)
         except RecordError as exc:
-            return self._dead_work(record, exc)
+            return self._dead_work(record, exc, span)
         except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
-            return self._dead_work(record, _bug(record, exc, "preparing"))
-        return Work(key=request.key, start=partial(self._start_deliver, record, request))
+            return self._dead_work(record, _bug(record, exc, "preparing", span), span)
+        return Work(key=request.key, start=partial(self._start_deliver, record, request, span))
 
-    async def _decode(self, record: SourceRecord) -> Event:
+    async def _decode(self, record: SourceRecord, span: Span | None) -> Event:
         kind = self._kinds[record.topic]
         attempt = 0
         while True:
@@ -81,22 +88,35 @@ class Pipeline:
             except TransientError as exc:  # a registry outage: wait it out, the record is not at fault
                 attempt += 1
                 log.warning(
-                    "decoding needs a service that is down, will retry", extra={**_where(record), "error": str(exc)}
+                    "decoding needs a service that is down, will retry",
+                    extra={**_where(record, span), "error": str(exc)},
                 )
                 pause = backoff_s(attempt - 1, self._initial_backoff_s, self._max_backoff_s, self._rng)
                 await asyncio.sleep(pause)
 
-    def _dead_work(self, record: SourceRecord, error: RecordError) -> Work:
+    def _dead_work(self, record: SourceRecord, error: RecordError, span: Span | None) -> Work:
         # Nothing else depends on a dead-lettered record, so it waits for nothing.
-        return Work(key=None, start=partial(self._start_dead_letter, record, error))
+        return Work(key=None, start=partial(self._start_dead_work, record, error, span))
 
-    def _start_deliver(self, record: SourceRecord, request: ApiRequest, lender: Lender) -> asyncio.Future[None]:
-        return self._start(self._deliver(record, request, _Parking(lender, record.offset)))
-
-    def _start_dead_letter(
-        self, record: SourceRecord, error: RecordError, lender: Lender | None = None
+    def _start_deliver(
+        self, record: SourceRecord, request: ApiRequest, span: Span | None, lender: Lender
     ) -> asyncio.Future[None]:
-        return self._start(self._dead_letter(record, error))
+        # Not `_traced`: `_deliver` ends the span itself, which costs less than a done callback on the hot path.
+        return self._start(self._deliver(record, request, _Parking(lender, record.offset), span))
+
+    def _start_dead_work(
+        self, record: SourceRecord, error: RecordError, span: Span | None, lender: Lender
+    ) -> asyncio.Future[None]:
+        return self._traced(span, self._start_dead_letter(record, error, span))
+
+    def _start_dead_letter(self, record: SourceRecord, error: RecordError, span: Span | None) -> asyncio.Future[None]:
+        return self._start(self._dead_letter(record, error, span))
+
+    def _traced(self, span: Span | None, outcome: asyncio.Future[None]) -> asyncio.Future[None]:
+        """`outcome`, ending the record's span when it completes."""
+        if span is not None:
+            outcome.add_done_callback(partial(self._tracing.end_record, span))
+        return outcome
 
     def _start(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.get_running_loop().create_task(work)  # not ensure_future: its checks cost per record
@@ -105,15 +125,19 @@ class Pipeline:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_publish(self, record: SourceRecord, row: PublishRow, lender: Lender) -> asyncio.Future[None]:
+    def _start_publish(
+        self, record: SourceRecord, row: PublishRow, span: Span | None, lender: Lender
+    ) -> asyncio.Future[None]:
         # The hot path of new inferences: no task per row. The row's own future settles the
         # record's outcome; only a refused row needs a task, to write its dead letter.
-        sent = self._batcher.add(row.batch_key, row.row_json)
+        sent = self._batcher.add(row.batch_key, row.row_json, span)
         outcome: asyncio.Future[None] = sent.get_loop().create_future()
-        sent.add_done_callback(partial(self._published, record, outcome))
-        return outcome
+        sent.add_done_callback(partial(self._published, record, outcome, span))
+        return self._traced(span, outcome)
 
-    def _published(self, record: SourceRecord, outcome: asyncio.Future[None], sent: asyncio.Future[None]) -> None:
+    def _published(
+        self, record: SourceRecord, outcome: asyncio.Future[None], span: Span | None, sent: asyncio.Future[None]
+    ) -> None:
         if outcome.done():  # the record was cancelled (stop or revoke); it will be read again
             if not sent.cancelled():
                 sent.exception()  # retrieved, so asyncio does not report it as lost
@@ -124,44 +148,60 @@ class Pipeline:
         exc = sent.exception()
         if exc is None:
             self._metrics.record_delivered(record.topic)
+            if span is not None:
+                self._tracing.delivered(span)
             outcome.set_result(None)
             return
-        error = exc if isinstance(exc, RecordError) else _bug(record, exc, "publishing")
-        writing = self._start_dead_letter(record, error)
+        error = exc if isinstance(exc, RecordError) else _bug(record, exc, "publishing", span)
+        writing = self._start_dead_letter(record, error, span)
         writing.add_done_callback(partial(_settle, outcome))
         # As for any other record: cancelling it (stop, revoke) cancels its dead-letter write, so a
         # write cannot outlive the partition and be repeated by its next owner.
         outcome.add_done_callback(partial(_cancel_if_cancelled, writing))
 
-    async def _deliver(self, record: SourceRecord, request: ApiRequest, parking: _Parking) -> None:
+    async def _deliver(
+        self, record: SourceRecord, request: ApiRequest, parking: _Parking, span: Span | None = None
+    ) -> None:
+        ended: BaseException | None = None
         try:
-            report = await self._delivery.deliver(request, record.timestamp_ms, parking)
-        except RecordError as exc:
-            await self._dead_letter(record, exc)
-            return
-        except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
-            await self._dead_letter(record, _bug(record, exc, "delivering"))
-            return
-        self._metrics.record_delivered(record.topic)
-        if log.isEnabledFor(logging.DEBUG):  # the context dict costs more than the call it describes
-            log.debug(
-                "delivered",
-                extra={
-                    **_where(record),
-                    "endpoint": request.endpoint.value,
-                    "status": report.status,
-                    "attempts": report.attempts,
-                },
-            )
+            try:
+                report = await self._delivery.deliver(request, record.timestamp_ms, parking, trace=span)
+            except RecordError as exc:
+                await self._dead_letter(record, exc, span)
+                return
+            except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
+                await self._dead_letter(record, _bug(record, exc, "delivering", span), span)
+                return
+            self._metrics.record_delivered(record.topic)
+            if span is not None:
+                self._tracing.delivered(span)
+            if log.isEnabledFor(logging.DEBUG):  # the context dict costs more than the call it describes
+                log.debug(
+                    "delivered",
+                    extra={
+                        **_where(record, span),
+                        "endpoint": request.endpoint.value,
+                        "status": report.status,
+                        "attempts": report.attempts,
+                    },
+                )
+        except BaseException as exc:  # cancelled (stop, revoke), or a dead letter that could not be written
+            ended = exc
+            raise
+        finally:
+            if span is not None:
+                self._tracing.finish(span, ended)
 
-    async def _dead_letter(self, record: SourceRecord, error: RecordError) -> None:
+    async def _dead_letter(self, record: SourceRecord, error: RecordError, span: Span | None = None) -> None:
         await self._dead_letters.write(record, error)
         self._metrics.dead_lettered.labels(record.topic, error.reason).inc()
+        if span is not None:
+            self._tracing.dead_lettered(span, error)
         status = getattr(getattr(error, "evidence", None), "status", None)
         log.warning(
             "dead-lettered",
             extra={
-                **_where(record),
+                **_where(record, span),
                 "reason": error.reason,
                 "stage": error.stage.value,
                 "status": status,
@@ -170,11 +210,34 @@ class Pipeline:
         )
 
 
-async def publish_batch(router: Router, delivery: Delivery, key: Hashable, rows: Sequence[bytes]) -> None:
+async def publish_batch(
+    router: Router, delivery: Delivery, key: Hashable, rows: Sequence[bytes], *, trace: Span | None = None
+) -> None:
     """The batcher's flush: one Publish-records call for rows that share a pipeline and a config."""
     pipeline_id, config_json = cast(tuple[str, bytes], key)
     # A 404 on publish means a wrong pipeline id, never "not yet", so no record timestamp is needed.
-    await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0)
+    await delivery.deliver(router.publish_request(pipeline_id, config_json, rows), record_timestamp_ms=0, trace=trace)
+
+
+async def publish_linked_batch(
+    router: Router,
+    delivery: Delivery,
+    tracing: Tracing,
+    key: Hashable,
+    rows: Sequence[bytes],
+    traces: Sequence[object],
+) -> None:
+    """The batcher's flush with tracing on: the call gets one span, linked to the spans of its rows."""
+    span = tracing.start_batch(cast(tuple[str, bytes], key)[0], traces)
+    if span is None:
+        await publish_batch(router, delivery, key, rows)
+        return
+    try:
+        await publish_batch(router, delivery, key, rows, trace=span)
+    except BaseException as exc:
+        tracing.end_batch(span, exc)
+        raise
+    tracing.end_batch(span, None)
 
 
 class _Parking:
@@ -212,12 +275,16 @@ def _cancel_if_cancelled(work: asyncio.Future[None], outcome: asyncio.Future[Non
         work.cancel()
 
 
-def _bug(record: SourceRecord, exc: BaseException, doing: str) -> InternalError:
+def _bug(record: SourceRecord, exc: BaseException, doing: str, span: Span | None = None) -> InternalError:
     """Our own bug met this record: log it loudly, and dead-letter the record rather than crash."""
     # exc_info=exc, not log.exception: this also runs in done callbacks, outside any `except`.
-    log.error(f"unexpected error {doing} a record", exc_info=exc, extra=_where(record))
+    log.error(f"unexpected error {doing} a record", exc_info=exc, extra=_where(record, span))
     return InternalError(f"{type(exc).__name__}: {exc}")
 
 
-def _where(record: SourceRecord) -> dict[str, object]:
-    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+def _where(record: SourceRecord, span: Span | None = None) -> dict[str, object]:
+    """A log line's record coordinates, and its trace and span id when tracing is on."""
+    where: dict[str, object] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+    if span is not None:
+        where.update(log_fields(span))
+    return where
