@@ -58,6 +58,15 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
     "default": REQUIRED,
     "full": ("-f", str(FULL_VALUES)),
     "full-hpa": ("-f", str(FULL_VALUES), *HPA_INSTEAD_OF_KEDA),
+    "traced": (
+        *REQUIRED,
+        "--set",
+        "tracing.enabled=true",
+        "--set",
+        "tracing.endpoint=http://otel:4318",
+        "--set",
+        "networkPolicy.enabled=true",
+    ),
 }
 SERVICE_DEFAULT_DRAIN_S = 20.0
 
@@ -803,6 +812,89 @@ def test_network_policy_admits_only_the_operations_port_and_needed_egress(full_d
     assert [rule["ports"] for rule in spec["ingress"]] == [[{"port": "http", "protocol": "TCP"}]]
     egress_ports = {(p["port"], p["protocol"]) for rule in spec["egress"] for p in rule["ports"]}
     assert {(53, "UDP"), (53, "TCP"), (9093, "TCP"), (443, "TCP"), (8081, "TCP"), (4317, "TCP")} == egress_ports
+
+
+# --- tracing -------------------------------------------------------------------------------------------------
+
+COLLECTOR = "http://otel-collector.observability:4318"
+TRACED = (*REQUIRED, "--set", "tracing.enabled=true", "--set", f"tracing.endpoint={COLLECTOR}")
+
+
+def test_tracing_is_off_by_default(docs: list[Manifest]) -> None:
+    assert not [name for name in env_of(docs) if name.startswith("OTEL_")]
+
+
+def test_tracing_sets_the_standard_otel_variables_and_the_sdk_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, _get_from_env_or_default
+
+    from service.tracing import tracing_endpoint
+
+    docs = render(
+        *TRACED,
+        "--set",
+        "tracing.sampler=parentbased_traceidratio",
+        "--set",
+        "tracing.samplerArg=0.1",
+        "--set",
+        "tracing.resourceAttributes.deployment\\.environment\\.name=prod",
+    )
+    entries: list[dict[str, Any]] = container(docs)["env"]
+    env = env_of(docs)
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == COLLECTOR
+    assert env["OTEL_SERVICE_NAME"]["value"] == "inference-bridge"
+    assert env["OTEL_K8S_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    names = [entry["name"] for entry in entries]
+    # Kubernetes expands $(OTEL_K8S_POD_NAME) only from a variable defined before it.
+    assert names.index("OTEL_K8S_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    plain = {name: entry["value"] for name, entry in env.items() if name.startswith("OTEL_") and "value" in entry}
+    plain["OTEL_RESOURCE_ATTRIBUTES"] = plain["OTEL_RESOURCE_ATTRIBUTES"].replace("$(OTEL_K8S_POD_NAME)", "pod-0")
+    assert tracing_endpoint(plain) == f"{COLLECTOR}/v1/traces"
+    for name, value in plain.items():
+        monkeypatch.setenv(name, value)
+    sampler = _get_from_env_or_default()
+    assert isinstance(sampler, ParentBasedTraceIdRatio)
+    assert sampler._root.rate == 0.1  # type: ignore[attr-defined]
+    resource = Resource.create().attributes
+    assert resource["service.name"] == "inference-bridge"
+    assert resource["k8s.namespace.name"] == NAMESPACE
+    assert resource["k8s.pod.name"] == "pod-0"
+    assert resource["k8s.deployment.name"] == one(docs, "Deployment")["metadata"]["name"]
+    assert resource["deployment.environment.name"] == "prod"
+
+
+def test_tracing_service_name_can_be_set() -> None:
+    docs = render(*TRACED, "--set", "tracing.serviceName=bridge-eu")
+    assert env_of(docs)["OTEL_SERVICE_NAME"]["value"] == "bridge-eu"
+    assert "OTEL_TRACES_SAMPLER_ARG" not in env_of(docs), "no ratio unless one is given"
+
+
+def test_tracing_needs_an_endpoint() -> None:
+    assert "tracing.enabled needs tracing.endpoint" in render_error(*REQUIRED, "--set", "tracing.enabled=true")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "tracing.sampler=sometimes"), "/tracing/sampler"),
+        (("--set", "tracing.samplerArg=2"), "/tracing/samplerArg"),
+        (("--set", "tracing.endpoint=otel:4318"), "/tracing/endpoint"),
+        (("--set", "tracing.resourceAttributes.team=a\\,b"), "/tracing/resourceAttributes/team"),
+        (("--set", "tracing.exporter=grpc"), "'exporter' not allowed"),
+    ],
+)
+def test_schema_rejects_wrong_tracing_values(args: tuple[str, ...], message: str) -> None:
+    error = render_error(*REQUIRED, *args)
+    assert message in error
+
+
+def test_network_policy_lets_spans_out_to_the_collector_only_when_tracing_is_on() -> None:
+    def egress_ports(*args: str) -> set[int]:
+        policy = one(render(*args, "--set", "networkPolicy.enabled=true"), "NetworkPolicy")
+        return {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+
+    assert 4318 in egress_ports(*TRACED)
+    assert 4318 not in egress_ports(*REQUIRED)
 
 
 # --- lint ----------------------------------------------------------------------------------------------------

@@ -192,6 +192,37 @@ the API refuses the key, so a rotation needs no restart (an environment variable
 {{- include "inference-bridge.secretEnv" . }}
 {{- end }}
 
+{{/* OpenTelemetry tracing: the standard OTEL_* variables the service reads (nothing when tracing is off). */}}
+{{- define "inference-bridge.tracingEnv" -}}
+{{- with .Values.tracing }}
+{{- if .enabled }}
+{{- if not .endpoint }}
+{{- fail "tracing.enabled needs tracing.endpoint: the collector's OTLP/HTTP base URL, e.g. http://otel-collector.observability:4318" }}
+{{- end }}
+{{- $resource := list (printf "k8s.namespace.name=%s" $.Release.Namespace) "k8s.pod.name=$(OTEL_K8S_POD_NAME)" (printf "k8s.deployment.name=%s" (include "inference-bridge.fullname" $)) }}
+{{- range $key := keys (.resourceAttributes | default dict) | sortAlpha }}
+{{- $resource = append $resource (printf "%s=%s" $key (index $.Values.tracing.resourceAttributes $key)) }}
+{{- end }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ .endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .serviceName | default (include "inference-bridge.name" $) | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ .sampler | quote }}
+{{- if not (kindIs "invalid" .samplerArg) }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ .samplerArg | toString | quote }}
+{{- end }}
+- name: OTEL_K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $resource | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* The Kafka topics the bridge consumes, from config.topics or the service's defaults. */}}
 {{- define "inference-bridge.topics" -}}
 {{- $t := .Values.config.topics | default dict }}
