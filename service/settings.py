@@ -296,10 +296,10 @@ class DeliverySettings(_Section):
     breaker_min_calls: int = Field(
         default=20, ge=1, description="calls in the last 10 s before the failure rate counts"
     )
-    http_client: Literal["aiohttp", "httpx", "pyreqwest"] = Field(
-        default="aiohttp",
-        description="HTTP client library; aiohttp sends several times more calls per core than httpx, "
-        "pyreqwest (Rust reqwest) more again (see make bench)",
+    http_client: Literal["pyreqwest", "aiohttp", "httpx"] = Field(
+        default="pyreqwest",
+        description="HTTP client library; pyreqwest (Rust reqwest) sends about 2.5x the calls per CPU-second of "
+        "aiohttp, and aiohttp about 30x httpx (make bench)",
     )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
