@@ -371,7 +371,7 @@ class Figure:
     at_most: bool = False
     """The target is a ceiling (429 share, seconds) rather than a floor (a share of the healthy rate)."""
     target_name: str | None = None
-    """How the target is printed; default `target_<name>`."""
+    """How the target is printed; default `target_<name>`, or `max_<name>` for a ceiling."""
     digits: int = 2
     bound: bool = False
     """The measurement gave up before its end: `value` is a bound (an upper one for a floor target), printed
@@ -394,7 +394,7 @@ class Figure:
     def text(self) -> str:
         out = f"{self.name}={self.shown}"
         if self.target is not None:
-            out += f" {self.target_name or 'target_' + self.name}={'<=' if self.at_most else ''}{self.target:g}"
+            out += f" {self.target_name or ('max_' if self.at_most else 'target_') + self.name}={self.target:g}"
         return out
 
     def miss(self) -> str | None:
@@ -1357,12 +1357,8 @@ async def auth_revoked(h: Harness) -> None:
     )
     missing = [api for api, s in resumed.items() if s is None]
     worst = time.time() - written if missing else max(s for s in resumed.values() if s is not None)
-    h.figure(
-        Figure(
-            "resume_s", worst, RESUME_TARGET_S, at_most=True, target_name="max_resume_s", digits=1, bound=bool(missing)
-        )
-    )
-    h.figure(Figure("restarts", h.started_services - 1, 0, at_most=True, target_name="max_restarts", digits=0))
+    h.figure(Figure("resume_s", worst, RESUME_TARGET_S, at_most=True, digits=1, bound=bool(missing)))
+    h.figure(Figure("restarts", h.started_services - 1, 0, at_most=True, digits=0))
     if process.returncode is not None:
         h.problem(f"the service exited ({process.returncode}) instead of waiting for a new key")
 
@@ -1508,11 +1504,7 @@ async def mixed(h: Harness) -> None:
     await kill_and_replace(3, f"{arrived} calls after the outage")
     drained = await h.wait_drained()
     seconds = (h.drained_at if drained and h.drained_at is not None else time.monotonic()) - started
-    h.figure(
-        Figure(
-            "drained_s", seconds, MIXED_TARGET_S, at_most=True, target_name="max_drained_s", digits=0, bound=not drained
-        )
-    )
+    h.figure(Figure("drained_s", seconds, MIXED_TARGET_S, at_most=True, digits=0, bound=not drained))
 
 
 @dataclass(frozen=True, slots=True)
