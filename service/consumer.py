@@ -273,6 +273,10 @@ class ConsumerLoop:
                     next_commit = last_commit + self._settings.commit_interval_s
         finally:
             self.health.stopping = True
+            # Commit what is done before draining: while this member drains, another one leaving
+            # starts a rebalance, this member's generation ends, and a commit after the drain is
+            # refused, so everything done since the last tick would be delivered again.
+            await self._commit(self._workers)  # failures are logged there and leave the drain to try again
             await self.release(list(self._workers))
             # Leave the group now rather than at teardown: a member that lingers after its last
             # commit can be handed partitions again, and the group would wait for it.

@@ -198,7 +198,7 @@ class Delivery:
                     "call failed, will retry",
                     extra={"endpoint": endpoint, "error": str(failure), "attempt": attempt, **log_fields(trace)},
                 )
-                await self._backoff(failures)
+                await self._after_failure(breaker, failures)
                 continue
             except BaseException:
                 if call is not None:
@@ -244,7 +244,7 @@ class Delivery:
                 )
                 failures += 1
                 if pause is None:
-                    await self._backoff(failures)
+                    await self._after_failure(breaker, failures)
                 continue
             if verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
                 limit.release(rtt)
@@ -259,7 +259,7 @@ class Delivery:
                     extra={"endpoint": endpoint, "status": status, "attempt": attempt, **log_fields(trace)},
                 )
                 failures += 1
-                await self._backoff(failures)
+                await self._after_failure(breaker, failures)
                 continue
             # The API answered about this record, so the destination itself is up.
             limit.release(rtt)
@@ -276,6 +276,12 @@ class Delivery:
     def _retry_after(self, response: HttpResponse) -> float | None:
         pause = retry_after_s(response.headers, self._now())
         return None if pause is None else min(pause, self._settings.retry_after_cap_s)
+
+    async def _after_failure(self, breaker: Breaker, failures: int) -> None:
+        """Back off before the next attempt, unless the breaker is open: then it does the waiting, and
+        every caller goes as soon as it closes rather than sleeping out a backoff grown during the outage."""
+        if breaker.state is BreakerState.CLOSED:
+            await self._backoff(failures)
 
     async def _backoff(self, attempt: int) -> None:
         s = self._settings

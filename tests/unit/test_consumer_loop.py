@@ -180,6 +180,7 @@ async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bou
     )
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
+
     async def fetched_and_paused() -> None:
         while consumer.batches or TP not in consumer.paused:  # noqa: ASYNC110  # the fake has no event for it
             await asyncio.sleep(0.001)
@@ -194,3 +195,62 @@ async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bou
     stop.set()
     await asyncio.wait_for(running, 10)
     assert consumer.commits[-1] == {TP: 300}
+
+
+async def test_a_stop_commits_what_is_done_before_it_drains_what_is_not() -> None:
+    # While a stopping member drains, another member leaving can end its generation; a commit made only
+    # after the drain would then be refused and everything done since the last tick delivered again.
+    consumer = FakeConsumer()
+    consumer.batches = [records(0, 11)]
+    held: asyncio.Future[None] | None = None
+    started = asyncio.Event()
+
+    async def last_one_held(record: SourceRecord) -> Work:
+        def start(lender: Lender) -> asyncio.Future[None]:
+            nonlocal held
+            future = asyncio.get_running_loop().create_future()
+            if record.offset == 10:
+                held = future
+                started.set()
+            else:
+                future.set_result(None)
+            return future
+
+        return Work(key=None, start=start)
+
+    seen_at_commit: list[bool] = []
+    original_commit = consumer.commit
+
+    async def commit(offsets: Mapping[TopicPartition, int]) -> None:
+        seen_at_commit.append(held is not None and held.done())
+        await original_commit(offsets)
+
+    consumer.commit = commit  # type: ignore[method-assign]
+    loop = ConsumerLoop(
+        consumer,
+        last_one_held,
+        LoopSettings(
+            max_in_flight_per_partition=256,
+            max_in_flight_total=4096,
+            max_buffered_per_partition=5000,
+            commit_interval_s=3600.0,
+            drain_timeout_s=5.0,
+            max_poll_records=500,
+            commit_after_records=10**9,  # no early commit: only the stop commits
+        ),
+        Metrics(),
+        HealthState(stale_after_s=60),
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.run(stop))
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0)  # the ten done records' callbacks
+
+    stop.set()
+    await asyncio.wait_for(consumer.committed.wait(), 10)
+    assert consumer.commits == [{TP: 10}]
+    assert seen_at_commit == [False], "the first commit came while the last record was still draining"
+    assert held is not None
+    held.set_result(None)
+    await asyncio.wait_for(running, 10)
+    assert consumer.commits[-1] == {TP: 11}

@@ -689,3 +689,18 @@ async def test_a_timed_out_request_is_retried_with_twice_the_timeout_up_to_the_r
 
     assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=6)
     assert attempt_timeouts(h.wire) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5, 0.5])
+
+
+async def test_a_record_that_failed_through_an_outage_goes_as_soon_as_the_breaker_closes() -> None:
+    # A backoff of a minute after each failure would outlast the harness's guard; while the breaker is open it
+    # does the waiting instead (a millisecond here), so the record goes with the first probe after the outage.
+    h = harness(
+        *[status(503)] * 9,
+        ok(),
+        initial_backoff_s=60.0,
+        max_backoff_s=60.0,
+        breaker=replace(FAST_BREAKER, stall_failures=1),
+    )
+
+    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=10)
+    assert (Destination.HUMANLOOP, BreakerState.OPEN, Fault.OUTAGE) in h.breaker_changes
