@@ -9,7 +9,7 @@ costly steps:
   validation and bounded containers (every attribute here is a str or an int this module sets). The SDK's sampler
   decides for spans without a local parent (records, batches); a child (an HTTP call) follows its parent's
   decision, as every built-in sampler would. A sampled span is handed to the BatchSpanProcessor when it ends;
-  an unsampled one only carries its context (for the `traceparent` and the logs).
+  an unsampled one is the API's NonRecordingSpan: only its context (for the `traceparent` and the logs).
 - `encode` writes the OTLP `ExportTraceServiceRequest` protobuf directly, caching the encoding of repeated
   attributes; `FastOtlpExporter` sends it through the SDK exporter's own HTTP client, so the OTEL_EXPORTER_OTLP_*
   settings (endpoint, headers, timeout, compression, certificates) and its retries apply unchanged.
@@ -75,7 +75,7 @@ _ROOT = Context()
 
 
 class LeanSpan(trace_api.Span, ReadableSpan):
-    """A span that costs a few attribute assignments to make, and one processor call to end when sampled.
+    """A sampled span: a few attribute assignments to make, and one processor call to end.
 
     Its attributes are `base`, shared by every span of its kind and place (a partition's record spans, an
     endpoint's calls) and never changed, then its own `values`; the encoder encodes each `base` once.
@@ -208,6 +208,10 @@ class OtelTracing(Tracing):
             and getattr(sampler, "_remote_parent_sampled", None) is ALWAYS_ON
             and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
         )
+        # Likewise for a new trace when it is always sampled (the default, parentbased_always_on, and always_on).
+        self._samples_roots = sampler is ALWAYS_ON or (
+            isinstance(sampler, ParentBased) and getattr(sampler, "_root", None) is ALWAYS_ON
+        )
         self._random = random.Random()
         # Per partition: the record span's name and constant attributes.
         self._partitions: dict[tuple[str, int], tuple[str, dict[str, AnyValue]]] = {}
@@ -224,13 +228,15 @@ class OtelTracing(Tracing):
         values: dict[str, AnyValue],
         start_time: int | None = None,
         links: Sequence[Link] = (),
-    ) -> LeanSpan:
+    ) -> trace_api.Span:
         """A span whose sampling the sampler decides (no local parent): a record's (maybe a remote parent's child)
-        or a batch's."""
+        or a batch's. Unsampled, it is only its context (for the traceparent and the logs)."""
         trace_state: TraceState | None
         random_id = 2 if parent is None else parent.trace_flags & 2
         if parent is not None and self._follows_remote_parent:
             trace_id, sampled, trace_state = parent.trace_id, parent.trace_flags.sampled, parent.trace_state
+        elif parent is None and self._samples_roots:
+            trace_id, sampled, trace_state = self._random.getrandbits(128) or 1, True, None
         else:
             trace_id = parent.trace_id if parent is not None else self._random.getrandbits(128) or 1
             parent_context = _ROOT if parent is None else set_span_in_context(NonRecordingSpan(parent), _ROOT)
@@ -246,8 +252,10 @@ class OtelTracing(Tracing):
             trace_flags=_FLAGS[random_id | sampled],
             trace_state=trace_state,
         )
+        if not sampled:
+            return NonRecordingSpan(context)
         return LeanSpan(
-            self._emit if sampled else None,
+            self._emit,
             name,
             context,
             parent,
@@ -258,31 +266,6 @@ class OtelTracing(Tracing):
             self._resource,
             self._scope,
             links,
-        )
-
-    def _child(
-        self,
-        parent: trace_api.Span,
-        name: str,
-        kind: SpanKind,
-        base: Mapping[str, AnyValue],
-        values: dict[str, AnyValue],
-    ) -> LeanSpan:
-        """A span under a local parent: it follows the parent's sampling decision."""
-        up = parent._span_context if type(parent) is LeanSpan else parent.get_span_context()
-        trace_id, _, _, flags, state, _ = up  # a SpanContext is a tuple
-        context = SpanContext(trace_id, self._random.getrandbits(64) or 1, False, flags, state)
-        return LeanSpan(
-            self._emit if flags & 1 else None,
-            name,
-            context,
-            up,
-            kind,
-            base,
-            values,
-            time.time_ns(),
-            self._resource,
-            self._scope,
         )
 
     # --- the Kafka side ---------------------------------------------------------------------------------------
@@ -309,7 +292,7 @@ class OtelTracing(Tracing):
             return at_ns if offset >= first else None
         return None
 
-    def start_record(self, record: SourceRecord) -> LeanSpan:
+    def start_record(self, record: SourceRecord) -> trace_api.Span:
         where = (record.topic, record.partition)
         known = self._partitions.get(where)
         if known is None:
@@ -353,6 +336,8 @@ class OtelTracing(Tracing):
         self.finish(span, asyncio.CancelledError() if outcome.cancelled() else outcome.exception())
 
     def finish(self, span: trace_api.Span, error: BaseException | None) -> None:
+        if type(span) is not LeanSpan:
+            return  # not sampled: nothing to record
         if isinstance(error, asyncio.CancelledError):
             # Stopped or revoked first: the record is read again, and gets a new span then.
             span.set_attribute("bridge.outcome", "cancelled")
@@ -363,7 +348,7 @@ class OtelTracing(Tracing):
 
     # --- batches ----------------------------------------------------------------------------------------------
 
-    def start_batch(self, pipeline_id: str, rows: Sequence[object]) -> LeanSpan:
+    def start_batch(self, pipeline_id: str, rows: Sequence[object]) -> trace_api.Span:
         found = []
         for row in rows:
             if isinstance(row, trace_api.Span):
@@ -393,7 +378,13 @@ class OtelTracing(Tracing):
 
     # --- HTTP calls -------------------------------------------------------------------------------------------
 
-    def start_call(self, parent: trace_api.Span, request: ApiRequest, attempt: int) -> LeanSpan:
+    def start_call(self, parent: trace_api.Span, request: ApiRequest, attempt: int) -> trace_api.Span:
+        """A child of the record's (or batch's) span; it follows that span's sampling decision."""
+        up = parent._span_context if type(parent) is LeanSpan else parent.get_span_context()
+        trace_id, _, _, flags, state, _ = up  # a SpanContext is a tuple
+        context = SpanContext(trace_id, self._random.getrandbits(64) or 1, False, flags, state)
+        if not flags & 1:
+            return NonRecordingSpan(context)
         url = request.url
         known = self._calls.get(request.endpoint)
         if known is None or not url.startswith(known[0]):
@@ -405,7 +396,9 @@ class OtelTracing(Tracing):
         values: dict[str, AnyValue] = {"url.full": url}
         if attempt > 1:
             values["http.request.resend_count"] = attempt - 1
-        return self._child(parent, name, SpanKind.CLIENT, base, values)
+        return LeanSpan(
+            self._emit, name, context, up, SpanKind.CLIENT, base, values, time.time_ns(), self._resource, self._scope
+        )
 
     def inject(self, call: trace_api.Span, headers: Mapping[str, str]) -> Mapping[str, str]:
         """`headers` plus the call span's `traceparent` (and `tracestate`), as W3C Trace Context writes them."""
@@ -416,6 +409,8 @@ class OtelTracing(Tracing):
         return traced
 
     def end_call(self, call: trace_api.Span, status: int | None, error: str | None) -> None:
+        if type(call) is not LeanSpan:
+            return  # not sampled: nothing to record
         if status is not None:
             call.set_attribute("http.response.status_code", status)
             if status >= 400:

@@ -114,7 +114,9 @@ async def _spans(receiver: OtlpReceiver, count: int, name: str) -> list[Received
     return await asyncio.to_thread(receiver.wait_for, _has(count, name), 30.0, f"{count} {name!r} spans")
 
 
+@pytest.mark.parametrize("client", ["aiohttp", "pyreqwest"])
 async def test_an_update_is_one_trace_from_the_producer_through_the_record_to_the_api_call(
+    client: str,
     kafka_bootstrap: str,
     topics: Topics,
     fake_apis: FakeApiServer,
@@ -127,7 +129,7 @@ async def test_an_update_is_one_trace_from_the_producer_through_the_record_to_th
         kafka_bootstrap, topic, [ENCODER.plain("log_update", LOG_CASE.datum(i, False)) for i in range(3)], state="v=1"
     )
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
-    async with running_bridge(bridge_env):
+    async with running_bridge({**bridge_env, "BRIDGE_DELIVERY__HTTP_CLIENT": client}):
         await eventually(partial(all_committed, kafka_bootstrap, group, topic), what="drained")
         spans = await _spans(traced, 3, "PATCH update_log")
 

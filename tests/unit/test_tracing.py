@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import (
     Link,
+    Span,
     SpanContext,
     SpanKind,
     Status,
@@ -185,7 +186,7 @@ def offset_of(span: ReadableSpan) -> int:
     return offset
 
 
-def ctx(span: ReadableSpan) -> SpanContext:
+def ctx(span: ReadableSpan | Span) -> SpanContext:
     found = span.get_span_context()
     assert found is not None
     return found
@@ -594,12 +595,15 @@ def test_links_go_only_to_sampled_rows_and_up_to_the_limit() -> None:
     tracing, _ = tracing_to_memory()
     sampled = tracing.start_record(source())
     unsampled = tracing.start_record(source(headers=[("traceparent", TRACEPARENT[:-2].encode() + b"00")]))
+    assert not isinstance(unsampled, LeanSpan), "an unsampled record is only its context"
     batch = tracing.start_batch(PIPE, [sampled, unsampled, sampled])
+    assert isinstance(batch, LeanSpan)
     assert [link.context for link in batch.links] == [ctx(sampled), ctx(sampled)]
     assert dict(batch.attributes or {})["messaging.batch.message_count"] == 3
     few = OtelTracing(
         SimpleSpanProcessor(InMemorySpanExporter()), ALWAYS_ON, Resource({}), group_id="g", max_links=1
     ).start_batch(PIPE, [sampled, sampled])
+    assert isinstance(few, LeanSpan)
     assert len(few.links) == 1
     assert few.dropped_links == 1
 
