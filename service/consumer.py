@@ -76,6 +76,7 @@ class PartitionWorker:
         """Records whose key turn came: started before new records, as soon as slots allow."""
         self._parked: set[int] = set()
         self._running: set[asyncio.Future[None]] = set()
+        self._draining = False
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
 
     @property
@@ -103,7 +104,7 @@ class PartitionWorker:
             while True:
                 if self._ready:
                     work, offset = self._ready.popleft()
-                elif self._queue:
+                elif self._queue and not self._draining:
                     record = self._queue.popleft()
                     work, offset = await self._prepare(record), record.offset
                     key = work.key
@@ -179,23 +180,39 @@ class PartitionWorker:
             self._loop.fail(exc)
 
     async def stop(self, timeout_s: float) -> None:
-        """Take no new records, give in-flight work `timeout_s` to finish, cancel the rest."""
+        """Take no new records, give started work `timeout_s` to finish, cancel the rest.
+
+        Records waiting behind an earlier one of their key started in offset order among the records
+        that ran, so they run too: left out, each would be a hole in the done prefix, and everything
+        done after it would be delivered again by the partition's next owner.
+        """
+        self._draining = True
+        self._queue.clear()  # not started, and after every started record: the next owner reads them
+        self._arrived.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settled(), timeout_s)
         self._feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._feeder
-        self._queue.clear()
         self._ready.clear()
         self._keys.clear()
-        if self._running:
-            _, unfinished = await asyncio.wait(set(self._running), timeout=timeout_s)
+        unfinished = set(self._running)
+        if unfinished:
             for task in unfinished:
                 task.cancel()
-            if unfinished:
-                log.warning(
-                    "cancelled unfinished records; they will be read again",
-                    extra={"topic": self.tp.topic, "partition": self.tp.partition, "count": len(unfinished)},
-                )
-                await asyncio.wait(unfinished)
+            log.warning(
+                "cancelled unfinished records; they will be read again",
+                extra={"topic": self.tp.topic, "partition": self.tp.partition, "count": len(unfinished)},
+            )
+            await asyncio.wait(unfinished)
+
+    async def _settled(self) -> None:
+        """Until nothing runs and no record of a busy key waits for its turn."""
+        while self._running or self._ready or any(self._keys.values()):
+            if self._running:
+                await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
+            else:
+                await asyncio.sleep(0.01)  # the feeder is taking slots for a record whose turn came
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped

@@ -291,3 +291,27 @@ async def test_a_record_cancelled_while_parked_frees_nothing_twice() -> None:
 
     assert shared.free == 2
     assert worker.tracker.committable() is None
+
+
+async def test_a_stop_lets_records_waiting_behind_their_key_run_so_the_done_prefix_has_no_hole() -> None:
+    # Offsets 0 and 2 share a key; 1 and 3 have their own. At the stop, 0 is still running and 2 waits for it:
+    # left out, 2 would hold the commit point and the done 3 would be delivered again by the next owner.
+    outcomes = _Outcomes()
+
+    async def prepare(record: SourceRecord) -> Work:
+        return (await outcomes.prepare(record))._replace(key="k" if record.offset in (0, 2) else record.offset)
+
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, Slots(8), _Loop())  # type: ignore[arg-type]
+    worker.push(_records(0, 4))
+    await asyncio.wait_for(_started(outcomes, 3), 5)  # 0, 1 and 3; 2 waits for 0
+    outcomes.futures[1].set_result(None)
+    outcomes.futures[3].set_result(None)
+
+    stopping = asyncio.create_task(worker.stop(5.0))
+    await _settled()
+    outcomes.futures[0].set_result(None)  # finishes during the drain: 2's turn comes
+    await asyncio.wait_for(_started(outcomes, 4), 5)
+    outcomes.futures[2].set_result(None)
+    await asyncio.wait_for(stopping, 5)
+
+    assert worker.tracker.committable() == 4
