@@ -3,7 +3,7 @@
     python -m tests.support.tracing_cost [--records 20000] [--rounds 3] [--kind row_update]
 
 No Kafka: records are built as the consumer would hand them over (each with a producer's `traceparent`), and
-go through the service's own codec, router, pipeline, delivery and aiohttp client, 256 at a time, on uvloop with the
+go through the service's own codec, router, pipeline, delivery and HTTP client, 256 at a time, on uvloop with the
 service's garbage-collector settings, to the bench's
 HTTP sink (`python -m bench.sink`). With tracing on, spans go through the SDK's BatchSpanProcessor and OTLP/HTTP
 exporter to a real receiver (`tests.support.otlp_receiver`). The sink and the receiver are child processes on
@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from bench.data import RecordFactory
 from service.app import build_guards, topic_kinds
@@ -33,7 +34,7 @@ from service.batching import Batcher
 from service.codec import AvroCodec, SchemaSet
 from service.deadletter import DeadLetterWriter, Redactor
 from service.delivery import Delivery
-from service.httpclient import build_http_client
+from service.httpclient import HttpClientKind, build_http_client
 from service.metrics import Metrics
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.records import SourceRecord
@@ -89,7 +90,9 @@ def _records(factory: RecordFactory, kind: str, count: int, prefix: str) -> list
     return records
 
 
-async def _round(sink_url: str, endpoint: str | None, records: list[SourceRecord]) -> tuple[float, float, int]:
+async def _round(
+    sink_url: str, endpoint: str | None, records: list[SourceRecord], client: HttpClientKind | None = None
+) -> tuple[float, float, int]:
     """(CPU seconds, wall seconds, spans made) for `records` with tracing off (`endpoint` None) or on."""
     env = {
         "BRIDGE_KAFKA__BOOTSTRAP_SERVERS": "unused:9092",
@@ -112,7 +115,10 @@ async def _round(sink_url: str, endpoint: str | None, records: list[SourceRecord
         )
     )
     http = build_http_client(
-        "aiohttp", connect_timeout_s=d.connect_timeout_s, read_timeout_s=d.read_timeout_s, max_connections=CONCURRENCY
+        client or d.http_client,
+        connect_timeout_s=d.connect_timeout_s,
+        read_timeout_s=d.read_timeout_s,
+        max_connections=CONCURRENCY,
     )
     delivery = Delivery(
         http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics, tracing=tracing
@@ -181,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3, help="pairs of rounds, off then on")
     parser.add_argument("--kind", choices=sorted(TOPICS), default="row_update")
+    parser.add_argument("--http-client", choices=("aiohttp", "pyreqwest", "httpx"), help="default: the service's")
     args = parser.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     pin_self, pin_children = (cpus[0], cpus[-1]) if len(cpus) > 1 else (None, None)
     if pin_self is not None:
         os.sched_setaffinity(0, {pin_self})
+    client = cast(HttpClientKind | None, args.http_client)
     factory = RecordFactory()
     tune_garbage_collector()  # as the service runs
     port = free_port()
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 records = _records(factory, args.kind, args.records, f"r{r}{mode}-")
                 endpoint = None if mode == "off" else f"http://127.0.0.1:{port}"
                 with asyncio.Runner(loop_factory=event_loop_factory("uvloop")) as runner:  # the service's loop
-                    cpu, wall, count = runner.run(_round(sink_url, endpoint, records))
+                    cpu, wall, count = runner.run(_round(sink_url, endpoint, records, client))
                 per_record_us = cpu / count * 1e6
                 results[mode].append(per_record_us)
                 print(
