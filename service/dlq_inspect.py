@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 from aiokafka import TopicPartition
@@ -41,14 +41,24 @@ from .deadletter import (
     SOURCE_TOPIC_HEADER,
     Redactor,
 )
+from .dlq_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandParser,
+    Headers,
+    ParserExit,
+    header_text,
+    last_header,
+    non_empty,
+    whole_number,
+)
 from .errors import BridgeError, FatalError
 from .events import EventKind
 from .kafka_clients import build_reader, security_options, to_source_record
 from .records import SourceRecord
 from .registry import SchemaRegistry
 from .settings import Settings
-
-Headers = tuple[tuple[str, bytes], ...]
 
 STAGE_HEADER = "__connect.errors.stage"
 EXCEPTION_CLASS_HEADER = "__connect.errors.exception.class.name"
@@ -71,10 +81,6 @@ AGE_BUCKETS: tuple[tuple[str, float], ...] = (
 )
 UNKNOWN_AGE = "unknown"
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
 
 class InspectUsageError(BridgeError):
     """Bad arguments, or a named topic that does not exist; nothing was read."""
@@ -91,25 +97,8 @@ class InspectError(FatalError):
 # --- pure: a dead letter's headers -------------------------------------------------------------------------------
 
 
-def last_header(headers: Headers, name: str) -> bytes | None:
-    """The last value of `name`: the bridge appends its evidence after the original headers, so it wins."""
-    for key, value in reversed(headers):
-        if key == name:
-            return value
-    return None
-
-
-def text_of(value: bytes | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return None
-
-
 def _int_of(value: bytes | None) -> int | None:
-    text = text_of(value)
+    text = header_text(value)
     return int(text) if text is not None and text.isascii() and text.isdigit() else None
 
 
@@ -129,13 +118,13 @@ class Letter:
     @classmethod
     def of(cls, record: SourceRecord) -> Letter:
         h = record.headers
-        status = text_of(last_header(h, "bridge.http.status"))
+        status = header_text(last_header(h, "bridge.http.status"))
         return cls(
             record=record,
-            reason=text_of(last_header(h, REASON_HEADER)),
-            stage=text_of(last_header(h, STAGE_HEADER)),
+            reason=header_text(last_header(h, REASON_HEADER)),
+            stage=header_text(last_header(h, STAGE_HEADER)),
             http_status=status or None,  # written as "" when no response arrived
-            source_topic=text_of(last_header(h, SOURCE_TOPIC_HEADER)),
+            source_topic=header_text(last_header(h, SOURCE_TOPIC_HEADER)),
             source_partition=_int_of(last_header(h, SOURCE_PARTITION_HEADER)),
             source_offset=_int_of(last_header(h, SOURCE_OFFSET_HEADER)),
             failed_at_ms=_int_of(last_header(h, FAILED_AT_HEADER)),
@@ -244,7 +233,7 @@ def human_age(seconds: float) -> str:
 
 def readable_bytes(value: bytes) -> dict[str, str]:
     """UTF-8 text as text, anything else as hex."""
-    text = text_of(value)
+    text = header_text(value)
     return {"text": text} if text is not None else {"hex": value.hex()}
 
 
@@ -328,21 +317,21 @@ def _hex(value: bytes, note: str) -> dict[str, Any]:
 
 def http_evidence(headers: Headers) -> dict[str, Any] | None:
     """The `bridge.http.*` headers as one object, or None when the record never reached an API."""
-    method = text_of(last_header(headers, "bridge.http.method"))
+    method = header_text(last_header(headers, "bridge.http.method"))
     if method is None:
         return None
     response_headers = {
-        name.removeprefix(HTTP_RESPONSE_HEADER_PREFIX): text_of(value) or value.hex()
+        name.removeprefix(HTTP_RESPONSE_HEADER_PREFIX): header_text(value) or value.hex()
         for name, value in headers
         if name.startswith(HTTP_RESPONSE_HEADER_PREFIX)
     }
     return {
         "method": method,
-        "url": text_of(last_header(headers, "bridge.http.url")),
+        "url": header_text(last_header(headers, "bridge.http.url")),
         "status": _int_of(last_header(headers, "bridge.http.status")),
         "attempts": _int_of(last_header(headers, "bridge.http.attempts")),
         "response_headers": response_headers,
-        "response_body": text_of(last_header(headers, "bridge.http.response.body")),
+        "response_body": header_text(last_header(headers, "bridge.http.response.body")),
     }
 
 
@@ -359,8 +348,8 @@ def letter_json(letter: Letter, value: dict[str, Any]) -> dict[str, Any]:
         "timestamp": iso_ms(r.timestamp_ms),
         "key": None if r.key is None else readable_bytes(r.key),
         "error": {
-            "class": text_of(last_header(r.headers, EXCEPTION_CLASS_HEADER)),
-            "message": text_of(last_header(r.headers, EXCEPTION_MESSAGE_HEADER)),
+            "class": header_text(last_header(r.headers, EXCEPTION_CLASS_HEADER)),
+            "message": header_text(last_header(r.headers, EXCEPTION_MESSAGE_HEADER)),
         },
         "http": http_evidence(r.headers),
         "headers": [{"name": name, **readable_bytes(value)} for name, value in r.headers],
@@ -483,42 +472,9 @@ with bridge.failed.at.ms, when the record was dead-lettered. Then re-drive what 
 Exit codes: 0 done, 1 Kafka failed, 2 bad arguments or a named topic that does not exist."""
 
 
-class _ParserExit(Exception):
-    """argparse wants to exit (after --help): returned as a status, since main() must not call sys.exit."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            print(message, file=sys.stderr, end="")
-        raise _ParserExit(status)
-
-    def error(self, message: str) -> NoReturn:
-        raise InspectUsageError(f"{message}\n{self.format_usage().rstrip()}")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def _name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = CommandParser(
+        usage_error=InspectUsageError,
         prog="python -m service dlq",
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -528,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--from",
         dest="topics",
         action="append",
-        type=_name,
+        type=non_empty,
         default=[],
         metavar="TOPIC",
         help="dead-letter topic (repeatable; default: the DLQs of the three configured topics)",
@@ -537,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reason",
         dest="reasons",
         action="append",
-        type=_name,
+        type=non_empty,
         default=[],
         metavar="REASON",
         help="only dead letters with this bridge.reason (repeatable)",
@@ -546,14 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--since", metavar="WHEN", help="only dead letters dead-lettered since WHEN (30m, 2h, an ISO time)"
     )
     parser.add_argument(
-        "--show", type=_count, default=0, metavar="N", help="print the N most recent matching dead letters in full"
+        "--show",
+        type=whole_number(0),
+        default=0,
+        metavar="N",
+        help="print the N most recent matching dead letters in full",
     )
     parser.add_argument("--json", dest="as_json", action="store_true", help="one JSON object on stdout, for scripts")
     return parser
 
 
 def parse_options(argv: Sequence[str], *, now_ms: int) -> InspectOptions:
-    """Raises `InspectUsageError` on bad arguments and `_ParserExit` after --help."""
+    """Raises `InspectUsageError` on bad arguments and `ParserExit` after --help."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
     since_ms = None
@@ -718,7 +678,7 @@ def main(argv: list[str], settings: Settings, redact: Redactor) -> int:
     try:
         options = parse_options(argv, now_ms=int(time.time() * 1000))
         report = asyncio.run(inspect(settings, options))
-    except _ParserExit as exc:
+    except ParserExit as exc:
         return exc.status
     except InspectUsageError as exc:
         print(f"dlq: {redact(str(exc))}", file=sys.stderr)

@@ -22,13 +22,25 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from .deadletter import REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
+from .dlq_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandParser,
+    Headers,
+    ParserExit,
+    header_text,
+    last_header,
+    non_empty,
+    whole_number,
+)
 from .errors import BridgeError, FatalError
 from .kafka_clients import build_durable_producer, security_options, to_source_record
 from .records import SourceRecord
@@ -36,15 +48,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-Headers = tuple[tuple[str, bytes], ...]
 
 EVIDENCE_PREFIXES = ("__connect.errors.", "bridge.")
 REPLAY_COUNT_HEADER = "bridge.replay.count"
 DEFAULT_MAX_REPLAYS = 3
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 class ReplayUsageError(BridgeError):
@@ -62,29 +69,12 @@ class ReplayError(FatalError):
 # --- pure: reading and rewriting a dead letter's headers ---------------------------------------------------------
 
 
-def last_header(headers: Headers, name: str) -> bytes | None:
-    """The last value of `name`: the bridge appends its evidence after the original headers, so it wins."""
-    for key, value in reversed(headers):
-        if key == name:
-            return value
-    return None
-
-
-def _text(value: bytes | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return None
-
-
 def replay_count(headers: Headers) -> int | None:
     """How often this record was replayed already: 0 without the header, None when it is unreadable."""
     raw = last_header(headers, REPLAY_COUNT_HEADER)
     if raw is None:
         return 0
-    text = _text(raw)
+    text = header_text(raw)
     # ASCII decimal only: int() would also take " 3", "+3" or non-ASCII digits, which no replay of ours wrote.
     if text is None or not text.isascii() or not text.isdigit():
         return None
@@ -102,7 +92,7 @@ def replay_headers(headers: Headers, count: int) -> Headers:
 
 
 def source_partition(headers: Headers) -> int | None:
-    text = _text(last_header(headers, SOURCE_PARTITION_HEADER))
+    text = header_text(last_header(headers, SOURCE_PARTITION_HEADER))
     return int(text) if text is not None and text.isascii() and text.isdigit() else None
 
 
@@ -141,10 +131,10 @@ def plan(letter: SourceRecord, *, reasons: frozenset[str], max_replays: int) -> 
     """What to do with one dead letter. The filter comes first: a record the operator did not ask for is
     skipped whatever state it is in, so refusals only report records the operator wanted replayed."""
     headers = letter.headers
-    reason = _text(last_header(headers, REASON_HEADER))
+    reason = header_text(last_header(headers, REASON_HEADER))
     if reasons and reason not in reasons:
         return Decision(Verdict.SKIP, f"reason {reason!r} not selected")
-    topic = _text(last_header(headers, SOURCE_TOPIC_HEADER))
+    topic = header_text(last_header(headers, SOURCE_TOPIC_HEADER))
     if not topic:
         return Decision(Verdict.REFUSE, f"no {SOURCE_TOPIC_HEADER} header: the source topic is unknown")
     count = replay_count(headers)
@@ -170,10 +160,10 @@ def coordinates(letter: SourceRecord) -> dict[str, Any]:
         "topic": letter.topic,
         "partition": letter.partition,
         "offset": letter.offset,
-        "source_topic": _text(last_header(letter.headers, SOURCE_TOPIC_HEADER)),
-        "source_partition": _text(last_header(letter.headers, SOURCE_PARTITION_HEADER)),
-        "source_offset": _text(last_header(letter.headers, SOURCE_OFFSET_HEADER)),
-        "reason": _text(last_header(letter.headers, REASON_HEADER)),
+        "source_topic": header_text(last_header(letter.headers, SOURCE_TOPIC_HEADER)),
+        "source_partition": header_text(last_header(letter.headers, SOURCE_PARTITION_HEADER)),
+        "source_offset": header_text(last_header(letter.headers, SOURCE_OFFSET_HEADER)),
+        "reason": header_text(last_header(letter.headers, REASON_HEADER)),
     }
 
 
@@ -220,73 +210,40 @@ Exit codes: 0 done, 1 Kafka failed mid-way (acknowledged progress is committed),
 such dead-letter topic."""
 
 
-class _ParserExit(Exception):
-    """argparse wants to exit (after --help): returned as a status, since main() must not call sys.exit."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        if message:
-            print(message, file=sys.stderr, end="")
-        raise _ParserExit(status)
-
-    def error(self, message: str) -> NoReturn:
-        raise ReplayUsageError(f"{message}\n{self.format_usage().rstrip()}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _name(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def build_parser(default_group: str) -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = CommandParser(
+        usage_error=ReplayUsageError,
         prog="python -m service replay",
         description=_DESCRIPTION,
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--from", dest="dlq_topic", required=True, type=_name, metavar="TOPIC", help="dead-letter topic"
+        "--from", dest="dlq_topic", required=True, type=non_empty, metavar="TOPIC", help="dead-letter topic"
     )
     parser.add_argument(
         "--reason",
         dest="reasons",
         action="append",
-        type=_name,
+        type=non_empty,
         default=[],
         metavar="REASON",
         help="replay only dead letters with this bridge.reason (repeatable); others are skipped and consumed",
     )
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="stop after N replayed records")
+    parser.add_argument("--limit", type=whole_number(1), metavar="N", help="stop after N replayed records")
     parser.add_argument(
         "--dry-run", action="store_true", help="print what would happen; produce nothing, commit nothing"
     )
     parser.add_argument(
         "--max-replays",
-        type=_positive_int,
+        type=whole_number(1),
         default=DEFAULT_MAX_REPLAYS,
         metavar="N",
         help="refuse records whose bridge.replay.count is already N or more (default %(default)s)",
     )
     parser.add_argument(
         "--group",
-        type=_name,
+        type=non_empty,
         default=default_group,
         metavar="GROUP",
         help="consumer group that keeps the replay's progress (default %(default)s); a fresh one re-scans",
@@ -295,7 +252,7 @@ def build_parser(default_group: str) -> argparse.ArgumentParser:
 
 
 def parse_options(argv: Sequence[str], *, default_group: str) -> ReplayOptions:
-    """Raises `ReplayUsageError` on bad arguments and `_ParserExit` after --help."""
+    """Raises `ReplayUsageError` on bad arguments and `ParserExit` after --help."""
     args = build_parser(default_group).parse_args(list(argv))
     return ReplayOptions(
         dlq_topic=args.dlq_topic,
@@ -546,7 +503,7 @@ def main(argv: list[str], settings: Settings) -> int:
     try:
         options = parse_options(argv, default_group=f"{settings.kafka.group_id}-replay")
         summary = asyncio.run(replay(settings, options))
-    except _ParserExit as exc:
+    except ParserExit as exc:
         return exc.status
     except ReplayUsageError as exc:
         print(f"replay: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ import pytest
 
 from service.codec import AvroCodec, SchemaSet
 from service.deadletter import Redactor, build_dead_letter
+from service.dlq_cli import ParserExit
 from service.dlq_inspect import (
     Filter,
     InspectOptions,
@@ -19,7 +20,6 @@ from service.dlq_inspect import (
     Report,
     TopicSummary,
     ValueReader,
-    _ParserExit,
     age_bucket,
     http_evidence,
     human_age,
@@ -217,7 +217,7 @@ def test_bad_options_are_usage_errors(argv: list[str], message: str) -> None:
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(_ParserExit) as exit_:
+    with pytest.raises(ParserExit) as exit_:
         parse_options(["--help"], now_ms=NOW_MS)
     assert exit_.value.status == 0
     assert "commits nothing" in capsys.readouterr().out

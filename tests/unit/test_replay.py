@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from service.deadletter import Redactor, build_dead_letter
+from service.dlq_cli import ParserExit
 from service.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.records import SourceRecord
 from service.replay import (
@@ -14,7 +15,6 @@ from service.replay import (
     ReplaySummary,
     ReplayUsageError,
     Verdict,
-    _ParserExit,
     main,
     parse_options,
     plan,
@@ -237,7 +237,7 @@ def test_bad_arguments_are_usage_errors(argv: list[str], message: str) -> None:
 
 
 def test_help_documents_the_consequences(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(_ParserExit) as raised:
+    with pytest.raises(ParserExit) as raised:
         parse_options(["--help"], default_group="g-replay")
 
     assert raised.value.status == 0

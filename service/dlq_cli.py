@@ -1,0 +1,82 @@
+"""What the two operator commands that read dead-letter topics share (`replay` and `dlq`): exit codes,
+reading the bridge's headers back, and an argument parser that reports instead of calling `sys.exit`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from .errors import BridgeError
+
+Headers = tuple[tuple[str, bytes], ...]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def last_header(headers: Headers, name: str) -> bytes | None:
+    """The last value of `name`: the bridge appends its evidence after the original headers, so it wins."""
+    for key, value in reversed(headers):
+        if key == name:
+            return value
+    return None
+
+
+def header_text(value: bytes | None) -> str | None:
+    """A header value as text, or None when it is absent or not UTF-8."""
+    if value is None:
+        return None
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+class ParserExit(Exception):
+    """argparse wants to exit (after --help): returned as a status, since main() must not call sys.exit."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors raise the command's usage error (a `BridgeError`) instead of exiting."""
+
+    def __init__(self, *args: object, usage_error: type[BridgeError], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._usage_error = usage_error
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise ParserExit(status)
+
+    def error(self, message: str) -> NoReturn:
+        raise self._usage_error(f"{message}\n{self.format_usage().rstrip()}")
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse `type` for integers of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            limit = "must not be negative" if minimum == 0 else f"must be at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{limit}, got {value}")
+        return value
+
+    return parse
+
+
+def non_empty(text: str) -> str:
+    """An argparse `type` for names that must not be blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
