@@ -13,7 +13,7 @@ from aiokafka.structs import ConsumerRecord
 from service.consumer import ConsumerLoop, LoopSettings
 from service.health import HealthState
 from service.metrics import Metrics
-from service.records import Lender, SourceRecord, Work
+from service.records import Lender, Prepare, SourceRecord, Work
 
 TP = TopicPartition("t", 0)
 
@@ -69,7 +69,7 @@ async def done_at_once(record: SourceRecord) -> Work:
     return Work(key=None, start=start)
 
 
-def loop_over(consumer: FakeConsumer, **settings: Any) -> ConsumerLoop:
+def loop_over(consumer: FakeConsumer, prepare: Prepare = done_at_once, **settings: Any) -> ConsumerLoop:
     values: dict[str, Any] = {
         "max_in_flight_per_partition": 256,
         "max_in_flight_total": 4096,
@@ -81,7 +81,7 @@ def loop_over(consumer: FakeConsumer, **settings: Any) -> ConsumerLoop:
     }
     return ConsumerLoop(
         consumer,
-        done_at_once,
+        prepare,
         LoopSettings(**{**values, **settings}),
         Metrics(),
         HealthState(stale_after_s=60),
@@ -117,20 +117,7 @@ async def test_a_full_backlog_pauses_the_partition_and_half_of_it_resumes_it() -
 
         return Work(key=None, start=start)
 
-    loop = ConsumerLoop(
-        consumer,
-        held,
-        LoopSettings(
-            max_in_flight_per_partition=256,
-            max_in_flight_total=4096,
-            max_buffered_per_partition=100,
-            commit_interval_s=3600.0,
-            drain_timeout_s=0.01,
-            max_poll_records=500,
-        ),
-        Metrics(),
-        HealthState(stale_after_s=60),
-    )
+    loop = loop_over(consumer, held, max_buffered_per_partition=100, commit_interval_s=3600.0, drain_timeout_s=0.01)
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
     while TP not in consumer.paused:  # noqa: ASYNC110  # the fake has no event for "paused"
@@ -163,20 +150,13 @@ async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bou
 
         return Work(key=None, start=start)
 
-    loop = ConsumerLoop(
+    loop = loop_over(
         consumer,
         first_stuck,
-        LoopSettings(
-            max_in_flight_per_partition=256,
-            max_in_flight_total=4096,
-            max_buffered_per_partition=150,
-            max_uncommitted_per_partition=250,
-            commit_interval_s=3600.0,
-            drain_timeout_s=0.01,
-            max_poll_records=500,
-        ),
-        Metrics(),
-        HealthState(stale_after_s=60),
+        max_buffered_per_partition=150,
+        max_uncommitted_per_partition=250,
+        commit_interval_s=3600.0,
+        drain_timeout_s=0.01,
     )
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
@@ -226,20 +206,13 @@ async def test_a_stop_commits_what_is_done_before_it_drains_what_is_not() -> Non
         await original_commit(offsets)
 
     consumer.commit = commit  # type: ignore[method-assign]
-    loop = ConsumerLoop(
+    loop = loop_over(
         consumer,
         last_one_held,
-        LoopSettings(
-            max_in_flight_per_partition=256,
-            max_in_flight_total=4096,
-            max_buffered_per_partition=5000,
-            commit_interval_s=3600.0,
-            drain_timeout_s=5.0,
-            max_poll_records=500,
-            commit_after_records=10**9,  # no early commit: only the stop commits
-        ),
-        Metrics(),
-        HealthState(stale_after_s=60),
+        max_buffered_per_partition=5000,
+        commit_interval_s=3600.0,
+        drain_timeout_s=5.0,
+        commit_after_records=10**9,  # no early commit: only the stop commits
     )
     stop = asyncio.Event()
     running = asyncio.create_task(loop.run(stop))
