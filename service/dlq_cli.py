@@ -4,9 +4,12 @@ reading the bridge's headers back, and an argument parser that reports instead o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
+
+from aiokafka.errors import KafkaError
 
 from .errors import BridgeError
 
@@ -80,3 +83,18 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def describe_error(exc: BaseException) -> str:
+    """aiokafka's messages often start with the class name already; don't say it twice."""
+    text, name = str(exc), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+@contextlib.contextmanager
+def kafka_errors(what: str, error: type[BridgeError]) -> Iterator[None]:
+    """The boundary: nothing above the command sees an aiokafka exception, only `error` saying `what` failed."""
+    try:
+        yield
+    except KafkaError as exc:
+        raise error(f"{what}: {describe_error(exc)}") from exc

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,7 +31,6 @@ from typing import Any
 import httpx
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
 from .codec import AvroCodec, SchemaSet
 from .deadletter import (
@@ -49,6 +48,7 @@ from .dlq_cli import (
     Headers,
     ParserExit,
     header_text,
+    kafka_errors,
     last_header,
     non_empty,
     whole_number,
@@ -533,13 +533,8 @@ def parse_options(argv: Sequence[str], *, now_ms: int) -> InspectOptions:
 # --- the Kafka side -----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _kafka_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except KafkaError as exc:
-        text, name = str(exc), type(exc).__name__
-        raise InspectError(f"{what}: {text if text.startswith(name) else f'{name}: {text}'}") from exc
+def _kafka_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    return kafka_errors(what, InspectError)
 
 
 async def _partition_counts(settings: Settings) -> dict[str, int]:

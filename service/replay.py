@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from enum import StrEnum
@@ -36,7 +36,9 @@ from .dlq_cli import (
     CommandParser,
     Headers,
     ParserExit,
+    describe_error,
     header_text,
+    kafka_errors,
     last_header,
     non_empty,
     whole_number,
@@ -267,19 +269,8 @@ def parse_options(argv: Sequence[str], *, default_group: str) -> ReplayOptions:
 # --- the Kafka side -----------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _kafka_errors(what: str) -> Iterator[None]:
-    # The boundary: nothing above this module sees an aiokafka exception.
-    try:
-        yield
-    except KafkaError as exc:
-        raise ReplayError(f"{what}: {_describe(exc)}") from exc
-
-
-def _describe(exc: BaseException) -> str:
-    # aiokafka's messages often start with the class name already; don't say it twice.
-    text, name = str(exc), type(exc).__name__
-    return text if text.startswith(name) else f"{name}: {text}"
+def _kafka_errors(what: str) -> contextlib.AbstractContextManager[None]:
+    return kafka_errors(what, ReplayError)
 
 
 @dataclass(slots=True)
@@ -484,7 +475,7 @@ class _Replayer:
         if commits and not self._options.dry_run:
             await consumer.commit(commits)
         if failure is not None:
-            raise ReplayError(f"replay not acknowledged: {_describe(failure)}") from failure
+            raise ReplayError(f"replay not acknowledged: {describe_error(failure)}") from failure
 
 
 async def replay(settings: Settings, options: ReplayOptions, *, out: Callable[[str], None] = print) -> ReplaySummary:
