@@ -1546,7 +1546,7 @@ SCENARIOS: Final[Mapping[str, Scenario]] = {
         not_yet, poison_share=0.0, updates_per_key=3, inference_share=0.1, records=24_000, drain_timeout_s=300
     ),
     "latency-step": Scenario(
-        latency_step, poison_share=0.0, updates_per_key=3, inference_share=0.0, records=140_000, drain_timeout_s=300
+        latency_step, poison_share=0.0, updates_per_key=3, inference_share=0.0, records=260_000, drain_timeout_s=300
     ),
     "mixed": Scenario(mixed, poison_share=0.02, updates_per_key=3, records=12_000, drain_timeout_s=300),
 }
