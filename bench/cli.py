@@ -23,7 +23,7 @@ from typing import Any
 
 from fastavro import parse_schema
 
-from service.runtime import event_loop_factory
+from service.ops.runtime import event_loop_factory
 
 from . import kafka
 from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench, Options, PhaseResult, merge_rounds

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
-from service.http_reqwest import PyreqwestClient
-from service.httpclient import AiohttpClient, HttpClient, HttpxClient
-from service.runtime import event_loop_factory
+from service.http.client import AiohttpClient, HttpClient, HttpxClient
+from service.http.reqwest import PyreqwestClient
+from service.ops.runtime import event_loop_factory
 
 from .harness import OTHER_CPU, SERVICE_CPU
 from .procs import Sink

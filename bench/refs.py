@@ -29,8 +29,8 @@ import orjson
 from fastavro import schemaless_reader
 from pyreqwest.client import ClientBuilder
 
-from service.http_reqwest import PyreqwestClient, configure_runtime
-from service.httpclient import AiohttpClient, HttpClient, HttpxClient
+from service.http.client import AiohttpClient, HttpClient, HttpxClient
+from service.http.reqwest import PyreqwestClient, configure_runtime
 
 _HEADERS = {"content-type": "application/json", "accept": "application/json", "authorization": "Bearer bench-key"}
 

@@ -165,9 +165,9 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         ("raw_pyreqwest_per_s", "pyreqwest Client"),
         ("raw_httpx_per_s", "httpx AsyncClient"),
         ("httpx_over_aiohttp_per_s", "httpx API over httpx-aiohttp transport"),
-        ("bridge_aiohttp_client_per_s", "service.httpclient.AiohttpClient"),
-        ("bridge_pyreqwest_client_per_s", "service.http_reqwest.PyreqwestClient"),
-        ("bridge_httpx_client_per_s", "service.httpclient.HttpxClient"),
+        ("bridge_aiohttp_client_per_s", "service.http.client.AiohttpClient"),
+        ("bridge_pyreqwest_client_per_s", "service.http.reqwest.PyreqwestClient"),
+        ("bridge_httpx_client_per_s", "service.http.client.HttpxClient"),
     ):
         value = figures.get(key)
         per_cpu = figures["references_per_cpu_s"].get(key)

@@ -11,12 +11,12 @@ import asyncio
 import json
 import sys
 
-from .app import install_signal_handlers, run, secrets_of
-from .deadletter import Redactor
-from .errors import BridgeError
-from .observability import configure_logging
-from .runtime import event_loop_factory, tune_garbage_collector
-from .settings import Settings, SettingsError, load_settings
+from service.app import install_signal_handlers, run, secrets_of
+from service.config.settings import Settings, SettingsError, load_settings
+from service.core.errors import BridgeError
+from service.kafka.deadletter import Redactor
+from service.ops.logging import configure_logging
+from service.ops.runtime import event_loop_factory, tune_garbage_collector
 
 
 def _check_config(settings: Settings) -> int:
@@ -47,11 +47,11 @@ def main(argv: list[str]) -> int:
     redact = Redactor(secrets_of(settings))
     configure_logging(obs.log_level, obs.log_format, redact)
     if command == "replay":
-        from .replay import main as replay_main
+        from service.tools.replay.main import main as replay_main
 
         return replay_main(argv[1:], settings)
     if command == "dlq":
-        from .dlq_inspect import main as dlq_main
+        from service.tools.dlq.main import main as dlq_main
 
         return dlq_main(argv[1:], settings, redact)
     tune_garbage_collector()

@@ -19,24 +19,25 @@ from functools import partial
 import httpx
 from aiokafka.errors import KafkaError
 
-from .batching import Batcher
-from .breaker import BreakerState, Fault
-from .codec import AvroCodec, SchemaSet
-from .consumer import ConsumerLoop, LoopSettings
-from .credentials import ApiKey
-from .deadletter import DeadLetterWriter, Redactor
-from .delivery import Delivery, Guard, build_guard
-from .errors import FatalError
-from .events import EventKind
-from .health import HealthState, OpsServer
-from .httpclient import build_http_client
-from .kafka_clients import KafkaDeadLetterProducer, build_consumer
-from .metrics import Metrics
-from .pipeline import Pipeline, publish_batch, publish_linked_batch
-from .registry import SchemaRegistry
-from .routes import Destination, Router
-from .settings import Settings
-from .tracing import build_tracing
+from service.apis.routes import Router
+from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.registry import SchemaRegistry
+from service.config.credentials import ApiKey
+from service.config.settings import Settings
+from service.core.errors import FatalError
+from service.core.events import EventKind
+from service.core.requests import Destination
+from service.http.batching import Batcher
+from service.http.breaker import BreakerState, Fault
+from service.http.client import build_http_client
+from service.http.delivery import Delivery, Guard, build_guard
+from service.kafka.clients import KafkaDeadLetterProducer, build_consumer
+from service.kafka.consumer import ConsumerLoop, LoopSettings
+from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.ops.health import HealthState, OpsServer
+from service.ops.metrics import Metrics
+from service.pipeline import Pipeline, publish_batch, publish_linked_batch
+from service.tracing import build_tracing
 
 log = logging.getLogger(__name__)
 

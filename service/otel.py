@@ -56,10 +56,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.trace.span import _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH
 from opentelemetry.util.types import AnyValue, Attributes
 
-from .errors import RecordError
-from .records import SourceRecord
-from .routes import ApiRequest, Endpoint
-from .tracing import SHUTDOWN_TIMEOUT_S, OnDropped, Tracing
+from service.core.errors import RecordError
+from service.core.records import SourceRecord
+from service.core.requests import ApiRequest, Endpoint
+from service.tracing import SHUTDOWN_TIMEOUT_S, OnDropped, Tracing
 
 log = logging.getLogger(__name__)
 

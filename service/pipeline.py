@@ -16,16 +16,17 @@ from typing import Any, Protocol, cast
 
 from opentelemetry.trace import Span
 
-from .batching import Batcher
-from .classify import backoff_s
-from .deadletter import DeadLetterWriter
-from .delivery import Delivery
-from .errors import InternalError, RecordError, TransientError
-from .events import Event, EventKind, NewInference
-from .metrics import Metrics
-from .records import Lender, SourceRecord, Work
-from .routes import ApiRequest, PublishRow, Router
-from .tracing import Tracing, log_fields
+from service.apis.routes import Router
+from service.core.errors import InternalError, RecordError, TransientError
+from service.core.events import Event, EventKind, NewInference
+from service.core.records import Lender, SourceRecord, Work
+from service.core.requests import ApiRequest, PublishRow
+from service.http.batching import Batcher
+from service.http.classify import backoff_s
+from service.http.delivery import Delivery
+from service.kafka.deadletter import DeadLetterWriter
+from service.ops.metrics import Metrics
+from service.tracing import Tracing, log_fields
 
 log = logging.getLogger(__name__)
 

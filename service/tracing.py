@@ -37,9 +37,9 @@ from typing import Final, TypeVar
 
 from opentelemetry.trace import Span
 
-from .errors import RecordError
-from .records import SourceRecord
-from .routes import ApiRequest
+from service.core.errors import RecordError
+from service.core.records import SourceRecord
+from service.core.requests import ApiRequest
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def build_tracing(
     endpoint = tracing_endpoint(env)
     if endpoint is None:
         return Tracing()
-    from .otel import build  # the SDK and the exporter are imported only when tracing is on
+    from service.otel import build  # the SDK and the exporter are imported only when tracing is on
 
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         protocol = env.get(name, "").strip()

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from service.errors import RecordError
-from service.events import EventKind
+from service.core.errors import RecordError
+from service.core.events import EventKind
 from tests.fuzz.mutate import Mutator, seeds
 from tests.fuzz.rig import ROOT, Rig, SpecJudge, undocumented
 

@@ -14,8 +14,8 @@ import string
 from collections.abc import Callable
 from typing import Any, Final
 
-from service.codec import TASK_RULES
-from service.events import EventKind
+from service.avro.codec import TASK_RULES
+from service.core.events import EventKind
 from tests.fuzz.rig import EVOLVED_INFERENCE_ID, PIPELINE, REGISTERED, SCHEMA_IDS, encode
 
 Seed = tuple[EventKind, bytes]

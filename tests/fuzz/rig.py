@@ -26,11 +26,12 @@ from aiohttp import web
 from fastavro import parse_schema, schemaless_writer
 from multidict import CIMultiDict, MultiDictProxy
 
-from service.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet
-from service.errors import RecordError
-from service.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
-from service.registry import SchemaRegistry
-from service.routes import ApiRequest, Endpoint, RecordCoordinates, Router
+from service.apis.routes import Router
+from service.avro.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet
+from service.avro.registry import SchemaRegistry
+from service.core.errors import RecordError
+from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
+from service.core.requests import ApiRequest, Endpoint, RecordCoordinates
 from tests.support.fake_apis import FakeApiServer, _parse_json
 
 ROOT: Final = Path(__file__).resolve().parents[2]

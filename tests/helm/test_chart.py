@@ -3,7 +3,7 @@
 Two value sets: the defaults with only the required values, and tests/helm/values-full.yaml with every feature
 on and every setting set. The rendered environment is fed back to the service's own `load_settings`, so a
 setting the chart misses, misspells or formats wrongly fails here, not at a pod's start; alert expressions are
-checked against the metrics `service.metrics` really exports. Every rendered object is validated strictly
+checked against the metrics `service.ops.metrics` really exports. Every rendered object is validated strictly
 (no unknown field) against the Kubernetes 1.27, 1.31 and 1.34 API schemas that PyPI's kubernetes-validate ships,
 offline; custom resources (KEDA, Prometheus Operator) have no schema there and are skipped by name. helm comes
 from `make helm` (.cache/bin/helm): without it these tests fail, they never skip.
@@ -28,8 +28,8 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
 
-from service.metrics import Metrics
-from service.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+from service.config.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
+from service.ops.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".cache" / "bin" / "helm"
@@ -206,7 +206,7 @@ def file_backed_secrets() -> set[str]:
 
 
 def exported_series() -> dict[str, set[str]]:
-    """Series names service.metrics exports, each with its label names."""
+    """Series names service.ops.metrics exports, each with its label names."""
     series: dict[str, set[str]] = {}
     for metric in vars(Metrics()).values():
         if not isinstance(metric, MetricWrapperBase):
@@ -778,7 +778,7 @@ def test_alert_expressions_use_metrics_and_labels_the_service_exports(full_docs:
             assert re.search(r"\bup\{", expr), f"{name} uses no metric of the service nor up"
             continue
         unknown = used - series.keys()
-        assert not unknown, f"{name} uses metrics service.metrics does not export: {unknown}"
+        assert not unknown, f"{name} uses metrics service.ops.metrics does not export: {unknown}"
         labels = {label.strip() for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
         labels |= set(re.findall(r"([a-z_]+)=\"", expr))
         allowed = set().union(*(series[metric] for metric in used)) | target_labels

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from service.metrics import Metrics
+from service.ops.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".cache" / "bin" / "helm"
@@ -115,7 +115,7 @@ def selectors(expr: str) -> list[tuple[str, str]]:
 
 
 def exported_series() -> dict[str, set[str]]:
-    """Series names the service exports (service.metrics and its process and GC collectors), with their labels."""
+    """Series names the service exports (service.ops.metrics and its process and GC collectors), with their labels."""
     metrics = Metrics()
     # A labelled metric has no sample until it is used: its label names come from the metric object.
     declared = {

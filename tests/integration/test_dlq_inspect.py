@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from service.dlq_inspect import Filter, InspectOptions, InspectUsageError, inspect
-from service.settings import load_settings
+from service.config.settings import load_settings
+from service.tools.dlq.main import Filter, InspectOptions, InspectUsageError, inspect
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PIPELINE, is_marked
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder

@@ -28,10 +28,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from service.app import run, secrets_of
-from service.deadletter import Redactor
-from service.errors import BridgeError
-from service.observability import JsonFormatter
-from service.settings import Settings, load_settings
+from service.config.settings import Settings, load_settings
+from service.core.errors import BridgeError
+from service.kafka.deadletter import Redactor
+from service.ops.logging import JsonFormatter
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PARTITIONS, is_marked
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import REPO, Topics, bridge_environment, running_bridge
@@ -126,7 +126,7 @@ class Security:
         return env
 
     def client_options(self, tls: TlsFiles) -> dict[str, Any]:
-        """aiokafka options for the test's own producer, built here and not by `service.kafka_clients`,
+        """aiokafka options for the test's own producer, built here and not by `service.kafka.clients`,
         so a mapping bug in the service cannot be hidden by a test client that shares it."""
         cafile = self.cafile(tls)
         context = ssl.create_default_context(cafile=None if cafile is None else str(cafile))

@@ -16,11 +16,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from service.deadletter import DeadLetter, Redactor, build_dead_letter
-from service.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
-from service.records import SourceRecord
-from service.replay import REPLAY_COUNT_HEADER, ReplayError, ReplaySummary, parse_options, replay
-from service.settings import Settings, load_settings
+from service.config.settings import Settings, load_settings
+from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
+from service.core.records import SourceRecord
+from service.kafka.deadletter import DeadLetter, Redactor, build_dead_letter
+from service.tools.replay.main import REPLAY_COUNT_HEADER, ReplayError, ReplaySummary, parse_options, replay
 from tests.support.bridge import REPO
 from tests.support.kafka_broker import create_topics
 from tests.support.kafka_io import committed, end_offsets, read_all

@@ -2,7 +2,7 @@
 restart, members joining and leaving its group, a member killed with -9 and replaced, and a SIGTERM stop.
 
 aiokafka logs these moments at ERROR; the service lowers the expected ones to WARNING with an `expected`
-field (service.observability.ExpectedKafkaErrors). Each test also checks that such a lowered line was
+field (service.ops.logging.ExpectedKafkaErrors). Each test also checks that such a lowered line was
 written, so it cannot pass because the disruption never reached the client.
 """
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.codec import AvroCodec, SchemaSet
-from service.errors import DecodeError
-from service.events import EventKind
+from service.avro.codec import AvroCodec, SchemaSet
+from service.core.errors import DecodeError
+from service.core.events import EventKind
 from tests.soak.__main__ import Run, poison_value, slope, split, warmup_records, with_poison
 
 

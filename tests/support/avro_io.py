@@ -1,6 +1,6 @@
 """Producer-side Avro for tests and the demo: encodes events the way upstream services would.
 
-Deliberately independent of `service.codec` (it parses the shipped `.avsc` files with fastavro
+Deliberately independent of `service.avro.codec` (it parses the shipped `.avsc` files with fastavro
 itself), so a codec bug cannot hide behind an encoder that shares it.
 """
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.app import run
-from service.settings import Settings, load_settings
+from service.config.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from service.settings import ENV_DELIMITER, ENV_PREFIX, Settings
+from service.config.settings import ENV_DELIMITER, ENV_PREFIX, Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"

@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import cast
 
 from bench.data import RecordFactory
+from service.apis.routes import Router
 from service.app import build_guards, topic_kinds
-from service.batching import Batcher
-from service.codec import AvroCodec, SchemaSet
-from service.deadletter import DeadLetterWriter, Redactor
-from service.delivery import Delivery
-from service.httpclient import HttpClientKind, build_http_client
-from service.metrics import Metrics
+from service.avro.codec import AvroCodec, SchemaSet
+from service.config.settings import load_settings
+from service.core.records import SourceRecord
+from service.http.batching import Batcher
+from service.http.client import HttpClientKind, build_http_client
+from service.http.delivery import Delivery
+from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.ops.metrics import Metrics
+from service.ops.runtime import event_loop_factory, tune_garbage_collector
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
-from service.records import SourceRecord
-from service.routes import Router
-from service.runtime import event_loop_factory, tune_garbage_collector
-from service.settings import load_settings
 from service.tracing import Tracing, build_tracing
 from tests.support.kafka_broker import free_port
 

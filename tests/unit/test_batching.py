@@ -8,8 +8,8 @@ from collections.abc import Hashable, Sequence
 
 import pytest
 
-from service.batching import Batcher
-from service.errors import HttpEvidence, RejectedError
+from service.core.errors import HttpEvidence, RejectedError
+from service.http.batching import Batcher
 
 
 class FakeApi:

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from service.breaker import Breaker, BreakerSettings, BreakerState, Fault
+from service.http.breaker import Breaker, BreakerSettings, BreakerState, Fault
 
 SETTINGS = BreakerSettings(
     window_s=10, min_calls=20, failure_rate=0.5, stall_failures=3, stall_s=10.0, probes=3, initial_pause_s=1.0

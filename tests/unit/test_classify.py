@@ -8,8 +8,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from service.classify import Verdict, backoff_s, classify, retry_after_s
-from service.routes import Endpoint
+from service.core.requests import Endpoint
+from service.http.classify import Verdict, backoff_s, classify, retry_after_s
 
 ALL_ENDPOINTS = list(Endpoint)
 UPDATES = [Endpoint.UPDATE_ROW, Endpoint.UPDATE_LOG]

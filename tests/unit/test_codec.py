@@ -19,10 +19,10 @@ import orjson
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from service.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet, snake_to_camel
-from service.errors import DecodeError, RegistryUnavailable, RouteError
-from service.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
-from service.registry import SchemaRegistry
+from service.avro.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet, snake_to_camel
+from service.avro.registry import SchemaRegistry
+from service.core.errors import DecodeError, RegistryUnavailable, RouteError
+from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
 
 PIPELINE = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"
 Json = dict[str, Any]
@@ -615,7 +615,7 @@ async def test_an_invalid_config_fails_every_time_it_is_seen(codec: AvroCodec) -
 
 
 async def test_the_config_cache_stays_bounded(codec: AvroCodec, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("service.codec.CONFIG_CACHE_SIZE", 3)
+    monkeypatch.setattr("service.avro.codec.CONFIG_CACHE_SIZE", 3)
     events = [
         await decode_inference(
             codec, {"inference_pipeline_id": "p", "row": {"a": 1}, "config": {"output_column_name": f"o{n}"}}

@@ -10,10 +10,10 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from service.consumer import ConsumerLoop, LoopSettings
-from service.health import HealthState
-from service.metrics import Metrics
-from service.records import Lender, Prepare, SourceRecord, Work
+from service.core.records import Lender, Prepare, SourceRecord, Work
+from service.kafka.consumer import ConsumerLoop, LoopSettings
+from service.ops.health import HealthState
+from service.ops.metrics import Metrics
 
 TP = TopicPartition("t", 0)
 

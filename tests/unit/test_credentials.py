@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.credentials import MAX_SECRET_FILE_BYTES, ApiKey, SecretFileError, read_secret_file
+from service.config.credentials import MAX_SECRET_FILE_BYTES, ApiKey, SecretFileError, read_secret_file
 
 OLD_KEY = "ol-old-key-3f9a11"
 NEW_KEY = "ol-new-key-8b2c47"
@@ -195,7 +195,7 @@ def test_an_unusable_file_is_warned_about_once_per_distinct_problem(
     key_file: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = api_key(key_file, clock)
-    caplog.set_level(logging.INFO, logger="service.credentials")
+    caplog.set_level(logging.INFO, logger="service.config.credentials")
 
     def reload_after_a_second() -> None:
         clock.advance(1.0)
@@ -224,7 +224,7 @@ def test_a_problem_is_warned_about_again_after_the_file_was_good(
     key_file: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = api_key(key_file, clock)
-    caplog.set_level(logging.WARNING, logger="service.credentials")
+    caplog.set_level(logging.WARNING, logger="service.config.credentials")
 
     key_file.unlink()
     key.reload()

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.deadletter import REDACTED, DeadLetter, DeadLetterWriter, Redactor, build_dead_letter
-from service.errors import (
+from service.core.errors import (
     DeadLetterWriteError,
     DecodeError,
     HttpEvidence,
@@ -16,7 +15,8 @@ from service.errors import (
     RouteError,
     TransientError,
 )
-from service.records import SourceRecord
+from service.core.records import SourceRecord
+from service.kafka.deadletter import REDACTED, DeadLetter, DeadLetterWriter, Redactor, build_dead_letter
 
 OL_KEY = "sk-ol-0123456789abcdef"
 HL_KEY = "hl_sk_fedcba9876543210"
@@ -284,14 +284,14 @@ def writer(producer: FakeProducer, *, attempts: int = 5) -> DeadLetterWriter:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records the writer's pauses instead of waiting them out (2 s, 4 s, ... would make the tests slow).
 
-    `service.deadletter.asyncio` is the asyncio module itself, so this patches `asyncio.sleep` for the
+    `service.kafka.deadletter.asyncio` is the asyncio module itself, so this patches `asyncio.sleep` for the
     duration of the test; nothing else in these tests sleeps."""
     pauses: list[float] = []
 
     async def no_sleep(delay: float) -> None:
         pauses.append(delay)
 
-    monkeypatch.setattr("service.deadletter.asyncio.sleep", no_sleep)
+    monkeypatch.setattr("service.kafka.deadletter.asyncio.sleep", no_sleep)
     return pauses
 
 

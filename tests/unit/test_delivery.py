@@ -18,14 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
-from service.breaker import BreakerSettings, BreakerState, Fault
-from service.delivery import Delivery, DeliveryReport, Guard, build_guard
-from service.errors import RejectedError
-from service.events import Event, LogUpdate, NewInference, RowUpdate
-from service.httpclient import HttpxClient
-from service.metrics import Metrics
-from service.routes import ApiRequest, Destination, Endpoint, RecordCoordinates, Router
-from service.settings import DeliverySettings
+from service.apis.routes import Router
+from service.config.settings import DeliverySettings
+from service.core.errors import RejectedError
+from service.core.events import Event, LogUpdate, NewInference, RowUpdate
+from service.core.requests import ApiRequest, Destination, Endpoint, RecordCoordinates
+from service.http.breaker import BreakerSettings, BreakerState, Fault
+from service.http.client import HttpxClient
+from service.http.delivery import Delivery, DeliveryReport, Guard, build_guard
+from service.ops.metrics import Metrics
 
 OL = "https://openlayer.test/v1"
 HL = "https://humanloop.test/v4"

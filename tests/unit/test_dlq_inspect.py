@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 
-from service.codec import AvroCodec, SchemaSet
-from service.deadletter import Redactor, build_dead_letter
-from service.dlq_cli import ParserExit
-from service.dlq_inspect import (
+from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.registry import ParsedSchema
+from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
+from service.core.events import EventKind
+from service.core.records import SourceRecord
+from service.kafka.deadletter import Redactor, build_dead_letter
+from service.tools.cli import ParserExit
+from service.tools.dlq.main import (
     Filter,
     InspectOptions,
     InspectUsageError,
@@ -31,10 +35,6 @@ from service.dlq_inspect import (
     render,
     summary_text,
 )
-from service.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
-from service.events import EventKind
-from service.records import SourceRecord
-from service.registry import ParsedSchema
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from service.events import EventKind, LogUpdate, NewInference, RowUpdate
+from service.core.events import EventKind, LogUpdate, NewInference, RowUpdate
 from tests.fuzz import strategies as fs
 from tests.fuzz.rig import (
     EVOLVED_INFERENCE_ID,

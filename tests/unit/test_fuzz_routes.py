@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.codec import MAX_ID_CHARS
-from service.errors import RouteError
-from service.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
-from service.routes import RecordCoordinates
+from service.avro.codec import MAX_ID_CHARS
+from service.core.errors import RouteError
+from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
+from service.core.requests import RecordCoordinates
 from tests.fuzz import strategies as fs
 from tests.fuzz.rig import PIPELINE, WHERE, Rig, SpecJudge, encode, undocumented
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from service.settings import ENV_DELIMITER, ENV_PREFIX, Settings, SettingsError, load_settings
+from service.config.settings import ENV_DELIMITER, ENV_PREFIX, Settings, SettingsError, load_settings
 from tests.fuzz import strategies as fs
 
 

@@ -26,9 +26,9 @@ import h2.connection
 import h2.events
 import pytest
 
-from service.http_reqwest import RUNTIME_BLOCKING_THREADS, RUNTIME_WORKER_THREADS
-from service.httpclient import HttpClient, HttpClientKind, TransportFailure, build_http_client
-from service.runtime import event_loop_factory
+from service.http.client import HttpClient, HttpClientKind, TransportFailure, build_http_client
+from service.http.reqwest import RUNTIME_BLOCKING_THREADS, RUNTIME_WORKER_THREADS
+from service.ops.runtime import event_loop_factory
 from tests.support.tls import TlsFiles, generate_tls
 
 CLIENTS: tuple[HttpClientKind, ...] = ("aiohttp", "httpx", "pyreqwest")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.limiter import ConcurrencyLimit, LimitSettings
+from service.http.limiter import ConcurrencyLimit, LimitSettings
 
 
 class ManualClock:

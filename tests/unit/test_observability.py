@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.deadletter import Redactor
-from service.observability import (
+from service.kafka.deadletter import Redactor
+from service.ops.logging import (
     BROKER_UNREACHABLE,
     COORDINATOR_MOVED,
     EXPECTED_KAFKA_RECORDS,
@@ -134,7 +134,7 @@ def test_the_join_group_timeout_of_a_restart_reads_as_expected() -> None:
         ("aiokafka", 'Unable connect to "%s:%s": %s', ("kafka", 9092, "refused"), logging.ERROR),
         ("aiokafka.consumer.fetcher", "Unexpected error in fetcher routine", (), logging.ERROR),
         # a lowered template from another logger, e.g. the service's own
-        ("service.consumer", UNABLE_TO_CONNECT, (1, "refused"), logging.ERROR),
+        ("service.kafka.consumer", UNABLE_TO_CONNECT, (1, "refused"), logging.ERROR),
         ("aiokafka.producer.sender", SEND_FAILED, ("X", 1, "y"), logging.ERROR),
         # the right template at another level
         (COORDINATOR, SEND_FAILED, ("JoinGroupRequest", 1, "timeout"), logging.WARNING),

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.offsets import OffsetTracker
+from service.kafka.offsets import OffsetTracker
 
 
 def tracker(offsets: range | list[int]) -> OffsetTracker:

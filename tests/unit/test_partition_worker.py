@@ -9,9 +9,9 @@ from collections.abc import Callable, Hashable, Mapping
 
 from aiokafka import TopicPartition
 
-from service.consumer import ConsumerLoop, PartitionWorker
-from service.records import Lender, SourceRecord, Work
-from service.slots import Slots
+from service.core.records import Lender, SourceRecord, Work
+from service.kafka.consumer import ConsumerLoop, PartitionWorker
+from service.kafka.slots import Slots
 
 
 class _Loop:

@@ -13,18 +13,19 @@ from typing import Any
 import httpx
 import pytest
 
-from service.batching import Batcher
-from service.breaker import BreakerSettings
-from service.deadletter import DeadLetter, DeadLetterWriter, Redactor
-from service.delivery import Delivery, build_guard
-from service.errors import DeadLetterWriteError, DecodeError, RegistryUnavailable, RouteError, TransientError
-from service.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
-from service.httpclient import HttpxClient
-from service.metrics import Metrics
+from service.apis.routes import Router, stable_inference_id
+from service.config.settings import DeliverySettings
+from service.core.errors import DeadLetterWriteError, DecodeError, RegistryUnavailable, RouteError, TransientError
+from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
+from service.core.records import SourceRecord
+from service.core.requests import Destination, RecordCoordinates
+from service.http.batching import Batcher
+from service.http.breaker import BreakerSettings
+from service.http.client import HttpxClient
+from service.http.delivery import Delivery, build_guard
+from service.kafka.deadletter import DeadLetter, DeadLetterWriter, Redactor
+from service.ops.metrics import Metrics
 from service.pipeline import Pipeline, publish_batch
-from service.records import SourceRecord
-from service.routes import Destination, RecordCoordinates, Router, stable_inference_id
-from service.settings import DeliverySettings
 
 OL = "https://openlayer.test/v1"
 HL = "https://humanloop.test/v4"

@@ -10,8 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from service.errors import DecodeError, RegistryUnavailable
-from service.registry import ACCEPT, SchemaRegistry
+from service.avro.registry import ACCEPT, SchemaRegistry
+from service.core.errors import DecodeError, RegistryUnavailable
 
 SCHEMA = {
     "type": "record",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from service.deadletter import Redactor, build_dead_letter
-from service.dlq_cli import ParserExit
-from service.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
-from service.records import SourceRecord
-from service.replay import (
+from service.config.settings import load_settings
+from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
+from service.core.records import SourceRecord
+from service.kafka.deadletter import Redactor, build_dead_letter
+from service.tools.cli import ParserExit
+from service.tools.replay.main import (
     REPLAY_COUNT_HEADER,
     ReplayOptions,
     ReplaySummary,
@@ -23,7 +24,6 @@ from service.replay import (
     source_partition,
     target_partition,
 )
-from service.settings import load_settings
 
 ORIGINAL_HEADERS = (("traceparent", b"00-abc-01"), ("producer", b"svc-a"), ("traceparent", b"dup"))
 RECORD = SourceRecord(

@@ -9,16 +9,10 @@ from typing import Any
 
 import pytest
 
-from service.errors import RouteError
-from service.events import Event, LogUpdate, NewInference, RowUpdate
-from service.routes import (
-    ApiRequest,
-    Destination,
-    Endpoint,
-    RecordCoordinates,
-    Router,
-    stable_inference_id,
-)
+from service.apis.routes import Router, stable_inference_id
+from service.core.errors import RouteError
+from service.core.events import Event, LogUpdate, NewInference, RowUpdate
+from service.core.requests import ApiRequest, Destination, Endpoint, RecordCoordinates
 
 OL = "https://openlayer.test/v1"
 HL = "https://humanloop.test/v4"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import uvloop
 
-from service.runtime import GC_THRESHOLDS, event_loop_factory, tune_garbage_collector
+from service.ops.runtime import GC_THRESHOLDS, event_loop_factory, tune_garbage_collector
 
 
 @pytest.mark.parametrize(("name", "loop_type"), [("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.slots import Slots
+from service.kafka.slots import Slots
 
 
 async def test_slots_are_handed_to_waiters_in_order() -> None:

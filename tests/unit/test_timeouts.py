@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.timeouts import AttemptTimeout, TimeoutSettings
+from service.http.timeouts import AttemptTimeout, TimeoutSettings
 
 SETTINGS = TimeoutSettings(ceiling_s=30.0, floor_s=2.0, factor=4.0, samples=100, min_samples=20, refresh_every=10)
 

@@ -37,19 +37,20 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.batching import Batcher
-from service.breaker import BreakerSettings
-from service.deadletter import DeadLetterWriter, Redactor
-from service.delivery import Delivery, build_guard
-from service.errors import DecodeError
-from service.events import EventKind, NewInference
-from service.metrics import Metrics
-from service.observability import JsonFormatter
+from service.apis.routes import Router
+from service.config.settings import DeliverySettings
+from service.core.errors import DecodeError
+from service.core.events import EventKind, NewInference
+from service.core.records import SourceRecord
+from service.core.requests import ApiRequest, Destination, Endpoint
+from service.http.batching import Batcher
+from service.http.breaker import BreakerSettings
+from service.http.delivery import Delivery, build_guard
+from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.ops.logging import JsonFormatter
+from service.ops.metrics import Metrics
 from service.otel import Encoder, LeanSpan, OtelTracing, producer_context, reference_encode
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
-from service.records import SourceRecord
-from service.routes import ApiRequest, Destination, Endpoint, Router
-from service.settings import DeliverySettings
 from service.tracing import Tracing, build_tracing, log_fields, tracing_endpoint
 from tests.unit.test_pipeline import (
     HL,
@@ -228,7 +229,7 @@ def test_with_tracing_off_the_sdk_is_not_even_imported() -> None:
     code = (
         "import sys\n"
         "from service.tracing import build_tracing\n"
-        "import service.app, service.pipeline, service.delivery\n"
+        "import service.app, service.pipeline, service.http.delivery\n"
         "t = build_tracing(group_id='g', max_batch_rows=500, environ={})\n"
         "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk') or m == 'service.otel'))\n"
     )

@@ -32,7 +32,7 @@ from pyreqwest.exceptions import (
     RequestTimeoutError,
 )
 
-from .httpclient import HttpResponse, LastTimeout, TransportFailure
+from service.http.client import HttpResponse, LastTimeout, TransportFailure
 
 RUNTIME_WORKER_THREADS: Final = 1
 RUNTIME_BLOCKING_THREADS: Final = 4

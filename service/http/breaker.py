@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from .classify import backoff_s
+from service.http.classify import backoff_s
 
 
 class BreakerState(Enum):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
-from .routes import Endpoint
+from service.core.requests import Endpoint
 
 
 class Verdict(Enum):

@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.credentials")
 
 MAX_SECRET_FILE_BYTES = 64 * 1024
 """A key or password is a few hundred bytes at most; a larger file is the wrong path, not a secret."""

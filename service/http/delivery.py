@@ -28,18 +28,19 @@ from urllib.parse import urlencode
 
 from opentelemetry.trace import Span
 
-from .breaker import Breaker, BreakerSettings, BreakerState, Fault
-from .classify import Verdict, backoff_s, classify, retry_after_s
-from .errors import HttpEvidence, RejectedError
-from .httpclient import HttpClient, HttpResponse, TransportFailure
-from .limiter import ConcurrencyLimit, LimitSettings
-from .metrics import Metrics
-from .routes import ApiRequest, Destination, Endpoint
-from .settings import DeliverySettings
-from .timeouts import AttemptTimeout, TimeoutSettings
-from .tracing import Tracing, log_fields
+from service.config.settings import DeliverySettings
+from service.core.errors import HttpEvidence, RejectedError
+from service.core.requests import ApiRequest, Destination, Endpoint
+from service.http.breaker import Breaker, BreakerSettings, BreakerState, Fault
+from service.http.classify import Verdict, backoff_s, classify, retry_after_s
+from service.http.client import HttpClient, HttpResponse, TransportFailure
+from service.http.limiter import ConcurrencyLimit, LimitSettings
+from service.http.timeouts import AttemptTimeout, TimeoutSettings
+from service.ops.metrics import Metrics
+from service.tracing import Tracing, log_fields
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.delivery")
 
 _KEPT_RESPONSE_HEADERS = ("content-type", "x-request-id", "request-id", "retry-after", "retry-after-ms")
 _BACKPRESSURE_STATUSES = frozenset({503})

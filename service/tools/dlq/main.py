@@ -32,15 +32,21 @@ import httpx
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from .codec import AvroCodec, SchemaSet
-from .deadletter import (
+from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.registry import SchemaRegistry
+from service.config.settings import Settings
+from service.core.errors import BridgeError, FatalError
+from service.core.events import EventKind
+from service.core.records import SourceRecord
+from service.kafka.clients import build_reader, security_options, to_source_record
+from service.kafka.deadletter import (
     REASON_HEADER,
     SOURCE_OFFSET_HEADER,
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
     Redactor,
 )
-from .dlq_cli import (
+from service.tools.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -53,12 +59,6 @@ from .dlq_cli import (
     non_empty,
     whole_number,
 )
-from .errors import BridgeError, FatalError
-from .events import EventKind
-from .kafka_clients import build_reader, security_options, to_source_record
-from .records import SourceRecord
-from .registry import SchemaRegistry
-from .settings import Settings
 
 STAGE_HEADER = "__connect.errors.stage"
 EXCEPTION_CLASS_HEADER = "__connect.errors.exception.class.name"

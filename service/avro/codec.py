@@ -27,13 +27,13 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 
-from service.errors import DecodeError, RouteError
-from service.events import Event, EventKind, JsonObject, LogUpdate, NewInference, RowUpdate
-from service.registry import ParsedSchema
+from service.avro.registry import ParsedSchema
+from service.core.errors import DecodeError, RouteError
+from service.core.events import Event, EventKind, JsonObject, LogUpdate, NewInference, RowUpdate
 
 WireFormat = Literal["auto", "plain", "confluent"]
 
-DEFAULT_SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+DEFAULT_SCHEMA_DIR: Final = Path(__file__).resolve().parents[2] / "schemas"
 """Where the repository keeps the `.avsc` files; deployments may point elsewhere."""
 
 MAGIC_BYTE: Final = 0
@@ -45,7 +45,7 @@ MAX_ID_CHARS: Final = 1024
 
 
 class WriterSchemas(Protocol):
-    """Where Confluent-framed values' writer schemas come from (`service.registry.SchemaRegistry`)."""
+    """Where Confluent-framed values' writer schemas come from (`service.avro.registry.SchemaRegistry`)."""
 
     async def writer_schema(self, schema_id: int) -> ParsedSchema: ...
 

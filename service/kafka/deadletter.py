@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import BridgeError, DeadLetterWriteError, RecordError, RejectedError
-from .records import SourceRecord
+from service.core.errors import BridgeError, DeadLetterWriteError, RecordError, RejectedError
+from service.core.records import SourceRecord
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.deadletter")
 
 REDACTED = "[REDACTED]"
 _MAX_MESSAGE_CHARS = 2000

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from aiokafka.errors import KafkaError
 
-from .errors import BridgeError
+from service.core.errors import BridgeError
 
 Headers = tuple[tuple[str, bytes], ...]
 

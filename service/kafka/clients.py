@@ -11,10 +11,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 
-from .deadletter import DeadLetter
-from .errors import TransientError
-from .records import SourceRecord
-from .settings import KafkaSettings
+from service.config.settings import KafkaSettings
+from service.core.errors import TransientError
+from service.core.records import SourceRecord
+from service.kafka.deadletter import DeadLetter
 
 
 def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:

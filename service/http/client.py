@@ -201,7 +201,7 @@ def build_http_client(
 ) -> HttpClient:
     """The configured client; call it inside the running event loop."""
     # Imported here: http_reqwest imports this module's types.
-    from .http_reqwest import PyreqwestClient
+    from service.http.reqwest import PyreqwestClient
 
     clients: dict[str, type[AiohttpClient | HttpxClient | PyreqwestClient]] = {
         "aiohttp": AiohttpClient,

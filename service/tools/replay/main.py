@@ -28,8 +28,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from .deadletter import REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
-from .dlq_cli import (
+from service.config.settings import Settings
+from service.core.errors import BridgeError, FatalError
+from service.core.records import SourceRecord
+from service.kafka.clients import build_durable_producer, security_options, to_source_record
+from service.kafka.deadletter import REASON_HEADER, SOURCE_OFFSET_HEADER, SOURCE_PARTITION_HEADER, SOURCE_TOPIC_HEADER
+from service.tools.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -43,12 +47,9 @@ from .dlq_cli import (
     non_empty,
     whole_number,
 )
-from .errors import BridgeError, FatalError
-from .kafka_clients import build_durable_producer, security_options, to_source_record
-from .records import SourceRecord
-from .settings import Settings
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.replay")
 
 
 EVIDENCE_PREFIXES = ("__connect.errors.", "bridge.")

@@ -22,15 +22,16 @@ from functools import partial
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from .errors import FatalError
-from .health import HealthState
-from .kafka_clients import to_source_record
-from .metrics import Metrics
-from .offsets import OffsetTracker
-from .records import Prepare, SourceRecord, Work
-from .slots import Slots
+from service.core.errors import FatalError
+from service.core.records import Prepare, SourceRecord, Work
+from service.kafka.clients import to_source_record
+from service.kafka.offsets import OffsetTracker
+from service.kafka.slots import Slots
+from service.ops.health import HealthState
+from service.ops.metrics import Metrics
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.consumer")
 
 
 @dataclass(frozen=True, slots=True)

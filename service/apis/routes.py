@@ -13,14 +13,14 @@ import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import orjson
 
-from .errors import RouteError
-from .events import Event, JsonObject, LogUpdate, NewInference, RowUpdate
+from service.core.errors import RouteError
+from service.core.events import Event, JsonObject, LogUpdate, NewInference, RowUpdate
+from service.core.requests import ApiRequest, Coordinates, Endpoint, PublishRow
 
 MAX_UPDATE_COLUMNS = 100
 """Update record's `row` has maxProperties 100 (and minProperties 1)."""
@@ -32,80 +32,6 @@ _NAMESPACE_BYTES = _INFERENCE_ID_NAMESPACE.bytes
 
 PREPARED_CONFIGS = 2048
 """Distinct configs the router keeps serialised; beyond that it starts over (bounded memory)."""
-
-
-class Destination(StrEnum):
-    OPENLAYER = "openlayer"
-    HUMANLOOP = "humanloop"
-
-
-class Endpoint(StrEnum):
-    PUBLISH = "publish"
-    UPDATE_ROW = "update_row"
-    UPDATE_LOG = "update_log"
-
-    @property
-    def destination(self) -> Destination:
-        return Destination.HUMANLOOP if self is Endpoint.UPDATE_LOG else Destination.OPENLAYER
-
-    @property
-    def is_update(self) -> bool:
-        """Updates address something that may not be ingested yet, so a 404 means "not yet"."""
-        return self is not Endpoint.PUBLISH
-
-
-class Coordinates(Protocol):
-    """Where a record came from; enough to derive a stable id (the pipeline's `SourceRecord` is one)."""
-
-    @property
-    def topic(self) -> str: ...
-    @property
-    def partition(self) -> int: ...
-    @property
-    def offset(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class RecordCoordinates:
-    """Plain `Coordinates`, for callers that have no source record at hand."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class ApiRequest:
-    endpoint: Endpoint
-    method: str
-    url: str
-    """Absolute URL without the query string."""
-    params: tuple[tuple[str, str], ...]
-    body: bytes
-    """The JSON body, already serialised."""
-    key: str
-    """What the API call addresses: same-key requests must not overtake each other."""
-
-    @property
-    def destination(self) -> Destination:
-        return self.endpoint.destination
-
-
-class PublishRow(NamedTuple):  # built once per row: a NamedTuple is cheaper than a frozen dataclass
-    """A new inference ready for batching: rows with equal `batch_key` share one call."""
-
-    batch_key: tuple[str, bytes]
-    """(pipeline id, config JSON): what a batch shares."""
-    row_json: bytes
-
-    @property
-    def pipeline_id(self) -> str:
-        return self.batch_key[0]
-
-    @property
-    def config_json(self) -> bytes:
-        return self.batch_key[1]
 
 
 @dataclass(frozen=True, slots=True)

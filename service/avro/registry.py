@@ -18,7 +18,7 @@ import httpx
 import orjson
 from fastavro import parse_schema
 
-from service.errors import DecodeError, RegistryUnavailable
+from service.core.errors import DecodeError, RegistryUnavailable
 
 ParsedSchema = dict[str, Any]
 """A schema as `fastavro.parse_schema` returns it: ready for `schemaless_reader`."""

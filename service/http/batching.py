@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import RejectedError
+from service.core.errors import RejectedError
 
 SPLITTABLE_STATUSES = frozenset({400, 413, 422})
 """Refusals that one bad row (or a too-large body) can cause; others (401, 404, ...) hold for every row."""

@@ -17,9 +17,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from .metrics import Metrics
+from service.ops.metrics import Metrics
 
-log = logging.getLogger(__name__)
+# The logger keeps its name from before the package split: log queries and alerts filter on it.
+log = logging.getLogger("service.health")
 
 
 class HealthState:

@@ -32,7 +32,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from .credentials import SecretFileError, read_secret_file
+from service.config.credentials import SecretFileError, read_secret_file
 
 ENV_PREFIX = "BRIDGE_"
 ENV_DELIMITER = "__"
@@ -337,7 +337,7 @@ class Settings(BaseSettings):
     )
 
     schemas_dir: Path = Field(
-        default=Path(__file__).resolve().parent.parent / "schemas", description="directory of the .avsc files"
+        default=Path(__file__).resolve().parents[2] / "schemas", description="directory of the .avsc files"
     )
     kafka: KafkaSettings
     topics: TopicSettings = TopicSettings()

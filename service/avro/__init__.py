@@ -1,0 +1,1 @@
+"""Avro: schemas, the Confluent schema registry, and decoding record values."""

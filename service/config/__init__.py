@@ -1,0 +1,1 @@
+"""Settings from BRIDGE_* environment variables, and the secrets they point at."""

@@ -1,0 +1,1 @@
+"""HTTP delivery: the client protocol and its three clients, classification, limits, breaker and batching."""

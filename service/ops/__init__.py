@@ -1,0 +1,1 @@
+"""Running the service: metrics, health, logging, redaction and the event-loop runtime."""

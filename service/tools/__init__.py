@@ -1,0 +1,1 @@
+"""The operator command-line tools (replay, dlq) and what they share."""

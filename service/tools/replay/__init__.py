@@ -1,0 +1,1 @@
+"""`python -m service replay`: send dead letters back to their source topic."""
