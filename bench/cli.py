@@ -27,7 +27,7 @@ from service.ops.runtime import event_loop_factory
 
 from . import kafka
 from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench, Options, PhaseResult, merge_rounds
-from .procs import Sink
+from .procs import Receiver, Sink
 from .refs import (
     RAW_CALLS,
     RAW_CLIENT_KEYS,
@@ -40,7 +40,7 @@ from .refs import (
     raw_loop,
     run_all,
 )
-from .report import num, rounded, summary, table
+from .report import num, rounded, summary, table, tracing_line
 
 REPO = Path(__file__).resolve().parent.parent
 JARS = REPO / ".cache" / "kafka" / "jars"
@@ -49,9 +49,17 @@ JARS = REPO / ".cache" / "kafka" / "jars"
 Samples = dict[str, list[Rate]]
 
 
-async def run_phases(bench: Bench, http_client: str) -> tuple[dict[str, Rate | None], Samples]:
+def traced_environment(receiver: Receiver) -> dict[str, str]:
+    """Tracing on at 100% sampling, exporting to `receiver` (the standard variables, as an operator sets them)."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
+
+
+async def run_phases(
+    bench: Bench, http_client: str, receiver: Receiver | None
+) -> tuple[dict[str, Rate | None], Samples]:
     """The references and the phases; the ratio references are sampled again right after the phase
-    they are the denominator of, and averaged, because this machine's speed drifts."""
+    they are the denominator of, and averaged, because this machine's speed drifts. The traced phase
+    runs next to its untraced twin in every round, so their ratio is taken on the same machine state."""
     o = bench.o
     references: dict[str, Rate | None] = dict.fromkeys(REFERENCE_KEYS)
     samples: Samples = {}
@@ -79,18 +87,31 @@ async def run_phases(bench: Bench, http_client: str) -> tuple[dict[str, Rate | N
     plan = (
         ("inferences", "inference", o.inference_records, 0.0),
         ("row_updates", "row_update", o.update_records, 0.0),
+        ("row_updates_traced", "row_update", o.update_records, 0.0),
         ("log_updates", "log_update", o.update_records, 0.0),
         ("row_updates_50ms", "row_update", o.update_records, 50.0),
     )
+
+    async def backlog(phase: str, kind: str, count: int, latency_ms: float, name: str) -> PhaseResult:
+        if phase != "row_updates_traced":
+            return await bench.backlog(name, kind, count, latency_ms)
+        assert receiver is not None
+        before = await receiver.spans()
+        res = await bench.backlog(name, kind, count, latency_ms, traced_environment(receiver))
+        # Counted once the service stopped, which exports what it still holds (service/tracing.py).
+        res.extra["spans_received"] = await receiver.spans() - before
+        return res
+
     for phase, kind, count, latency_ms in plan:
         if phase in o.skip:
             continue
         print(f"phase {phase}: {count:,} {kind} records, sink latency {latency_ms:.0f} ms ...", flush=True)
-        res = await bench.backlog(phase, kind, count, latency_ms)
+        res = await backlog(phase, kind, count, latency_ms, phase)
         print(
             f"  [{phase}] {res.rate:,.0f} {res.unit} over {res.window_s:.1f}s, service CPU "
             f"{100 * res.service_cpu_util:.0f}%, peak RSS {res.peak_rss_mib:.0f} MiB, "
-            f"{res.extra.get('peak_threads', 0)} threads at most, drained {res.drained}",
+            f"{res.extra.get('peak_threads', 0)} threads at most, drained {res.drained}"
+            + (f", {res.extra['spans_received']:,} spans received" if "spans_received" in res.extra else ""),
             flush=True,
         )
         for key in again.get(phase, []):
@@ -107,17 +128,20 @@ async def run_phases(bench: Bench, http_client: str) -> tuple[dict[str, Rate | N
     for n in range(2, o.rounds + 1):
         for phase, kind, count, latency_ms in update_phases:
             print(f"phase {phase}, round {n} ...", flush=True)
-            res = await bench.backlog(f"{phase}-r{n}", kind, count, latency_ms)
+            res = await backlog(phase, kind, count, latency_ms, f"{phase}-r{n}")
             del bench.results[f"{phase}-r{n}"]
             rounds[phase].append(res)
             print(
                 f"  [{phase}] round {n}: {res.rate:,.0f} {res.unit}, service CPU {100 * res.service_cpu_util:.0f}%, "
-                f"{res.per_cpu_s:,.0f} per CPU-s",
+                f"{res.per_cpu_s:,.0f} per CPU-s"
+                + (f", {res.extra['spans_received']:,} spans received" if "spans_received" in res.extra else ""),
                 flush=True,
             )
     for phase, results in rounds.items():
         if len(results) > 1:
             bench.results[phase] = merge_rounds(results)
+    if "row_updates_traced" in bench.results:
+        print(tracing_line(bench), flush=True)
     if "latency" not in o.skip:
         measured = bench.results.get("row_updates")
         if measured is None or measured.rate <= 0:
@@ -231,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         sink = Sink(OTHER_CPU if pinning else None, work_dir / "sink.log")
         stack.callback(sink.stop)
+        receiver = None
+        if "row_updates_traced" not in options.skip:
+            receiver = Receiver(OTHER_CPU if pinning else None, work_dir / "otlp-receiver.log")
+            stack.callback(receiver.stop)
         bench = Bench(options, bootstrap, sink, pinning)
         delivery = bench.delivery_settings()
         http_client = str(delivery.get("http_client", "httpx (this service has no http_client setting)"))
@@ -240,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def go() -> tuple[dict[str, Rate | None], Samples]:
             try:
-                return await run_phases(bench, http_client)
+                return await run_phases(bench, http_client, receiver)
             finally:
                 await sink.aclose()
 

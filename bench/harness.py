@@ -8,6 +8,9 @@ service starts:
   inferences    the inference backlog (1,000,000 records by default) through Publish records;
                 gives `inferences_per_s` and `peak_rss_mib` (VmHWM while draining that backlog)
   row_updates   Update record calls, sink latency 0
+  row_updates_traced  the same with tracing on at 100% sampling (OTEL_TRACES_SAMPLER=always_on), spans exported
+                over OTLP/HTTP to a real receiver (`tests.support.otlp_receiver`) in its own process on the other
+                core; its rate over row_updates' is the tracing cost, and the receiver's span count is checked
   log_updates   Update By Reference calls, sink latency 0
   row_updates_50ms  the same row updates with 50 ms added sink latency
   latency       row updates produced at half of `row_updates_per_s` while the service runs;
@@ -23,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +39,11 @@ from tests.support.bridge import Topics, bridge_environment
 
 from . import kafka
 from .data import PIPELINE_CONFIGS_ENV, RecordFactory
-from .procs import Profiler, ServiceProcess, Sink, cpu_seconds, thread_count
+from .procs import Profiler, ServiceProcess, Sink, cpu_seconds, inherited_environment, thread_count
 from .profile import render, summarise
 
 SERVICE_CPU, OTHER_CPU = "0", "1"
-PHASES = ("inferences", "row_updates", "log_updates", "row_updates_50ms", "latency")
+PHASES = ("inferences", "row_updates", "row_updates_traced", "log_updates", "row_updates_50ms", "latency")
 _ENDPOINTS = {"inference": "publish", "row_update": "update_row", "log_update": "update_log"}
 """The sink's name for the endpoint each kind of record is delivered to."""
 OPENLAYER_KEY, HUMANLOOP_KEY = "bench-openlayer-key", "bench-humanloop-key"
@@ -117,6 +120,11 @@ def merge_rounds(rounds: list[PhaseResult]) -> PhaseResult:
             "round_rates": [round(r.rate, 1) for r in rounds],
             "round_service_cpu_util": [round(r.service_cpu_util, 3) for r in rounds],
             "peak_threads": max(r.extra.get("peak_threads", 0) for r in rounds),
+            **(
+                {"spans_received": sum(r.extra["spans_received"] for r in rounds)}
+                if all("spans_received" in r.extra for r in rounds)
+                else {}
+            ),
         },
     )
 
@@ -150,7 +158,7 @@ class Bench:
         prefix = f"bench-{self.run_id}-{phase}"
         return Topics(f"{prefix}-inferences", f"{prefix}-row-updates", f"{prefix}-log-updates")
 
-    def _environment(self, topics: Topics, group: str) -> dict[str, str]:
+    def _environment(self, topics: Topics, group: str, phase_env: Mapping[str, str] | None = None) -> dict[str, str]:
         extra = {
             "BRIDGE_OPENLAYER__PIPELINE_CONFIGS": PIPELINE_CONFIGS_ENV,
             "BRIDGE_OBSERVABILITY__LOG_LEVEL": "WARNING",
@@ -164,6 +172,7 @@ class Bench:
         if self.o.http_client is not None:
             extra["BRIDGE_DELIVERY__HTTP_CLIENT"] = self.o.http_client
         extra.update(self.o.overrides)
+        extra.update(phase_env or {})  # what the phase is about (tracing on) wins over --set
         return bridge_environment(
             bootstrap=self.bootstrap,
             group=group,
@@ -178,7 +187,7 @@ class Bench:
     def delivery_settings(self) -> dict[str, Any]:
         """The delivery settings the service will run with (its HTTP client, its event loop), from its own
         `check-config` output."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env = inherited_environment()
         env.update(self._environment(self._topics("check"), "check"))
         done = subprocess.run(
             [sys.executable, "-m", "service", "check-config"],
@@ -196,8 +205,10 @@ class Bench:
         names = topics.all() + [topics.dlq(t) for t in topics.all()]
         await kafka.make_topics(self.bootstrap, names, self.o.partitions)
 
-    def _start_service(self, phase: str, topics: Topics) -> tuple[ServiceProcess, Profiler | None]:
-        env = self._environment(topics, group=f"bench-{self.run_id}-{phase}")
+    def _start_service(
+        self, phase: str, topics: Topics, phase_env: Mapping[str, str] | None = None
+    ) -> tuple[ServiceProcess, Profiler | None]:
+        env = self._environment(topics, f"bench-{self.run_id}-{phase}", phase_env)
         service = ServiceProcess(env, self.o.service_dir, self.service_cpus, self.o.work_dir / f"service-{phase}.log")
         profiler = None
         if self.o.profile_dir is not None:
@@ -213,8 +224,11 @@ class Bench:
         if profiler is not None and profiler.wait():
             print(render(f"profile of {phase} ({profiler.out})", summarise(profiler.out)), flush=True)
 
-    async def backlog(self, phase: str, kind: str, count: int, latency_ms: float = 0.0) -> PhaseResult:
-        """Fill one topic with `count` records, then time the service draining it."""
+    async def backlog(
+        self, phase: str, kind: str, count: int, latency_ms: float = 0.0, phase_env: Mapping[str, str] | None = None
+    ) -> PhaseResult:
+        """Fill one topic with `count` records, then time the service draining it (with `phase_env` added to its
+        environment)."""
         topics = self._topics(phase)
         topic = {"inference": topics.inferences, "row_update": topics.row_updates, "log_update": topics.log_updates}
         topic_name, endpoint = topic[kind], _ENDPOINTS[kind]
@@ -225,7 +239,7 @@ class Bench:
         await kafka.bulk_produce(self.bootstrap, topic_name, self.o.partitions, values)
         print(f"  [{phase}] produced {count:,} records in {time.monotonic() - filled_at:.1f}s", flush=True)
         await self.sink.reset(latency_ms)
-        service, profiler = self._start_service(phase, topics)
+        service, profiler = self._start_service(phase, topics, phase_env)
         started = time.time()
         samples: list[_Sample] = []
         stats: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""The bench's child processes, each started and stopped by its own pid: the sink, the service, py-spy.
+"""The bench's child processes, each started and stopped by its own pid: the sink, the OTLP receiver, the
+service, py-spy.
 
 The service is `taskset -c <core> python -m service`, so its pid is the pinned interpreter itself
 and `/proc/<pid>` gives its CPU time and its peak RSS (`VmHWM`). The sink is `python -m bench.sink`
@@ -25,6 +26,12 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def pinned(cpus: str | None, argv: list[str]) -> list[str]:
     return argv if cpus is None else ["taskset", "-c", cpus, *argv]
+
+
+def inherited_environment() -> dict[str, str]:
+    """This process's environment without the service's settings: BRIDGE_* and OTEL_* come from the bench alone,
+    so an OTEL_EXPORTER_OTLP_ENDPOINT in the caller's shell cannot turn tracing on in the untraced phases."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OTEL_"))}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -105,12 +112,53 @@ class Sink:
         self._log.close()
 
 
+class Receiver:
+    """`python -m tests.support.otlp_receiver` as a child process: a real OTLP/HTTP collector for the traced phase,
+    in a process of its own (on the other core) so that decoding the spans costs the service nothing."""
+
+    def __init__(self, cpus: str | None, log_path: Path) -> None:
+        self._log = log_path.open("wb")
+        self._proc = subprocess.Popen(
+            pinned(cpus, [sys.executable, "-m", "tests.support.otlp_receiver", "--port", "0"]),
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            stdin=subprocess.DEVNULL,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().decode()
+        if not line.startswith("receiving "):
+            self.stop()
+            raise RuntimeError(f"the OTLP receiver did not start; see {log_path}")
+        # "receiving OTLP/HTTP traces on http://127.0.0.1:<port>/v1/traces"
+        self.endpoint = line.split()[-1].removesuffix("/v1/traces")
+        """The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT takes it (the exporter appends /v1/traces)."""
+
+    async def spans(self) -> int:
+        """How many spans it has received so far (every request decoded, not just counted bytes)."""
+        async with aiohttp.ClientSession() as session, session.get(self.endpoint + "/__count") as response:
+            response.raise_for_status()
+            counts = orjson.loads(await response.read())
+        if counts["bad_requests"]:
+            raise RuntimeError(f"the OTLP receiver refused {counts['bad_requests']} export requests")
+        return int(counts["spans"])
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
 class ServiceProcess:
     """`python -m service`, pinned, with its output in a log file."""
 
     def __init__(self, environ: Mapping[str, str], cwd: Path, cpus: str | None, log_path: Path) -> None:
         self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env = inherited_environment()
         env.update(environ)
         env["PYTHONUNBUFFERED"] = "1"
         with log_path.open("wb") as log:

@@ -14,7 +14,12 @@ TARGETS: tuple[tuple[str, str], ...] = (
     ("row_updates_per_s_50ms >= 0.8 x row_updates_per_s", "latency_hiding"),
     ("p99_ms <= 250 at half load", "p99_ms"),
     ("peak_rss_mib <= 250", "peak_rss_mib"),
+    ("tracing share <= 0.15 (100% sampling, updates)", "tracing_share"),
 )
+TRACING_TARGET = 0.15
+"""The most of the row-update throughput tracing at 100% sampling may cost (share = 1 - traced / untraced)."""
+SPANS_PER_UPDATE = 2
+"""A delivered row update makes its record's span and one span per HTTP attempt."""
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -41,6 +46,51 @@ def _ratios(http_client: str) -> list[tuple[str, str, str, str]]:
     return ratios
 
 
+def tracing_cost(bench: Bench) -> dict[str, Any] | None:
+    """Row updates traced at 100% sampling against the same untraced, both means over the same rounds.
+
+    `share` is the throughput lost (1 - on / off, per wall second); `per_cpu_share` the same from the per-CPU-second
+    figures, steadier when other work shares the machine. The receiver must have received a span for every record
+    and every call, or the figure would be the cost of dropping spans: `result` is then `incomplete`.
+    """
+    off, on = bench.results.get("row_updates"), bench.results.get("row_updates_traced")
+    if off is None or on is None or off.calls <= 1 or on.calls <= 1:
+        return None
+    share = 1 - on.rate / off.rate if off.rate else None
+    per_cpu_share = 1 - on.per_cpu_s / off.per_cpu_s if off.per_cpu_s else None
+    received, expected = on.extra.get("spans_received", 0), SPANS_PER_UPDATE * on.done
+    if received < expected:
+        result = "incomplete"
+    elif share is not None and share <= TRACING_TARGET:
+        result = "pass"
+    else:
+        result = "below-target"
+    return {
+        "off": off.rate,
+        "on": on.rate,
+        "share": share,
+        "target": TRACING_TARGET,
+        "per_cpu_share": per_cpu_share,
+        "off_per_cpu_s": off.per_cpu_s,
+        "on_per_cpu_s": on.per_cpu_s,
+        "spans_received": received,
+        "spans_expected_at_least": expected,
+        "result": result,
+    }
+
+
+def tracing_line(bench: Bench) -> str:
+    """`tracing_cost updates off=... on=... share=... target=0.15 per_cpu_share=... spans_received=... result=...`"""
+    cost = tracing_cost(bench)
+    if cost is None:
+        return "tracing_cost updates not measured"
+    return (
+        f"tracing_cost updates off={cost['off']:.0f} on={cost['on']:.0f} share={num(cost['share'], 2)} "
+        f"target={cost['target']:.2f} per_cpu_share={num(cost['per_cpu_share'], 2)} "
+        f"spans_received={cost['spans_received']} (at least {cost['spans_expected_at_least']}) result={cost['result']}"
+    )
+
+
 def summary(bench: Bench, references: dict[str, Rate | None], http_client: str) -> dict[str, Any]:
     r = bench.results
     rate = {name: (res.rate if name in r and (res := r[name]).calls > 1 else None) for name in PHASES}
@@ -49,6 +99,7 @@ def summary(bench: Bench, references: dict[str, Rate | None], http_client: str) 
     figures: dict[str, Any] = {
         "inferences_per_s": rate["inferences"],
         "row_updates_per_s": rate["row_updates"],
+        "row_updates_traced_per_s": rate["row_updates_traced"],
         "log_updates_per_s": rate["log_updates"],
         "row_updates_per_s_50ms": rate["row_updates_50ms"],
         "p50_ms": latency.get("p50_ms"),
@@ -83,6 +134,7 @@ def summary(bench: Bench, references: dict[str, Rate | None], http_client: str) 
         name: res.extra["peak_threads"] for name, res in r.items() if "peak_threads" in res.extra
     }
     figures["sink_cpu_util"] = {name: round(res.sink_cpu_util, 3) for name, res in r.items() if name != "latency"}
+    figures["tracing_cost"] = tracing_cost(bench)
     figures["targets_met"] = _targets(figures)
     return figures
 
@@ -101,6 +153,7 @@ def _targets(f: dict[str, Any]) -> dict[str, bool | None]:
         "latency_hiding": at_least(f["row_updates_50ms_vs_0ms"], 0.8),
         "p99_ms": at_most(f["p99_ms"], 250.0),
         "peak_rss_mib": at_most(f["peak_rss_mib"], 250.0),
+        "tracing_share": None if (cost := f["tracing_cost"]) is None else cost["result"] == "pass",
     }
 
 
@@ -196,6 +249,7 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         "latency_hiding": figures["row_updates_50ms_vs_0ms"],
         "p99_ms": figures["p99_ms"],
         "peak_rss_mib": figures["peak_rss_mib"],
+        "tracing_share": None if figures["tracing_cost"] is None else figures["tracing_cost"]["share"],
     }
     for label, key in TARGETS:
         met = figures["targets_met"][key]
@@ -205,6 +259,7 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         f"  (from per-CPU-s figures: inference_ratio {num(figures['inference_ratio_per_cpu_s'], 2)}, "
         f"update_ratio {num(figures['update_ratio_per_cpu_s'], 2)})"
     )
+    lines += ["", tracing_line(bench)]
     return "\n".join(lines)
 
 

@@ -2,8 +2,10 @@
 
 It decodes each request with opentelemetry-proto's own message classes and keeps the spans as plain values
 (`ReceivedSpan`), with their resource's attributes, so a test can follow a trace from the producer through the
-record to the HTTP call. `python -m tests.support.otlp_receiver --port N` runs one alone and prints a count of
-spans now and then (for measuring the service's tracing cost with a collector that costs the service nothing).
+record to the HTTP call. `python -m tests.support.otlp_receiver --port N` runs one alone, as a separate process (for
+measuring the service's tracing cost with a collector that costs the service nothing): it prints
+`receiving OTLP/HTTP traces on <url>` once it listens, and answers `GET /__count` with
+`{"spans": ..., "requests": ..., "bad_requests": ...}` so a measurement can check that the spans arrived.
 """
 
 from __future__ import annotations
@@ -132,7 +134,13 @@ class OtlpReceiver(ThreadedServer):
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/traces", self._traces)
+        app.router.add_get("/__count", self._count_json)
         return app
+
+    async def _count_json(self, request: web.Request) -> web.Response:
+        with self._lock:
+            counts = {"spans": self._count, "requests": self.requests, "bad_requests": len(self.bad_requests)}
+        return web.json_response(counts)
 
     async def _traces(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -182,13 +190,12 @@ class OtlpReceiver(ThreadedServer):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=4318)
+    parser.add_argument("--port", type=int, default=4318, help="0: any free port (the printed URL names it)")
     args = parser.parse_args()
     with OtlpReceiver(port=args.port, keep=False) as receiver:
         print(f"receiving OTLP/HTTP traces on {receiver.endpoint}/v1/traces", flush=True)
-        while True:
-            time.sleep(5)
-            print(f"spans={receiver.count} requests={receiver.requests}", flush=True)
+        while True:  # until SIGTERM or SIGINT; GET /__count tells how many spans arrived
+            time.sleep(3600)
 
 
 if __name__ == "__main__":
