@@ -1,7 +1,7 @@
 """The record path under test, with a fixed schema registry, and the judges of what it produces.
 
 A record's outcome is either a request the APIs accept or a `RecordError` whose reason the documentation lists
-(README.md's dead-letter headers table, schemas/README.md's table of rejections). Anything else is a finding:
+(docs/semantics.md's reason codes, schemas/README.md's table of rejections). Anything else is a finding:
 another exception (a crash), an undocumented reason (unclassified), or a request the API spec refuses. The
 spec is not written a second time here: `SpecJudge` hands each request, as the default HTTP client (aiohttp)
 would put it on the wire, to the fake APIs' own routing and validation (tests/support/fake_apis.py), and also
@@ -26,13 +26,15 @@ from aiohttp import web
 from fastavro import parse_schema, schemaless_writer
 from multidict import CIMultiDict, MultiDictProxy
 
-from service.apis.routes import Router
-from service.avro.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet
+from service.avro.codec import AvroCodec
 from service.avro.registry import SchemaRegistry
+from service.config.settings import DEFAULT_SCHEMA_DIR
 from service.core.errors import RecordError
 from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
 from service.core.requests import ApiRequest, Endpoint, RecordCoordinates
+from service.streams import Router, schema_set
 from tests.support.fake_apis import FakeApiServer, _parse_json
+from tests.support.settings_doc import documented_reasons as docs_reasons
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 PIPELINE: Final = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"
@@ -50,16 +52,10 @@ T = TypeVar("T")
 
 
 def documented_reasons(root: Path = ROOT) -> frozenset[str]:
-    """Every `bridge.reason` code the documentation names: README.md's dead-letter headers table and the table
-    of rejections in schemas/README.md. `internal-error` is left out: it is how a bug in the service is
-    dead-lettered, and a fuzzer that meets one has found that bug."""
-    readme = (root / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `bridge.reason`"))
-    codes = set(re.findall(r"`([a-z][a-z0-9-]*)`", row.split("|")[2]))
-    schemas = (root / "schemas" / "README.md").read_text()
-    section = schemas.split("## What the bridge rejects", 1)[1].split("\n## ", 1)[0]
-    codes |= set(re.findall(r"^\| `([a-z][a-z0-9-]*)`", section, flags=re.MULTILINE))
-    return frozenset(codes - {"bridge.reason", "internal-error"})
+    """Every `bridge.reason` code of the documentation's tables (docs/semantics.md's reason codes, the table of
+    rejections in schemas/README.md) that decode and route can give. `internal-error` is left out: it is how a
+    bug in the service is dead-lettered, and a fuzzer that meets one has found that bug."""
+    return docs_reasons(root) - {"http-<status>", "internal-error"}
 
 
 DOCUMENTED_REASONS: Final = documented_reasons()
@@ -125,7 +121,7 @@ class Rig:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._client = httpx.AsyncClient(transport=httpx.MockTransport(_registry_answer))
-        schemas = SchemaSet.from_dir(DEFAULT_SCHEMA_DIR)
+        schemas = schema_set(DEFAULT_SCHEMA_DIR)
         self.codec = AvroCodec(schemas, SchemaRegistry(self._client, "http://registry.invalid"), "auto")
         self.plain_codec = AvroCodec(schemas, None, "auto")
         self.router = Router(
