@@ -1,5 +1,5 @@
 """The documentation stays true: generated tables match what they are generated from, links and cited paths
-exist, and the dead-letter reason codes it lists are the ones the service gives."""
+exist, and the dead-letter reason codes and metrics it lists are the ones the service gives."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.ops.metrics import Metrics
 from tests.support.settings_doc import (
     MAKE_TARGETS,
     ROOT,
@@ -113,3 +114,18 @@ def test_every_documented_reason_is_one_the_service_gives() -> None:
     stale = {code for code in documented_reasons() - {"http-<status>"} if f'"{code}"' not in sources}
     assert not stale, f"documented dead-letter reasons that service/ never gives: {stale}"
     assert 'f"http-{' in sources, "the service no longer gives http-<status>"
+
+
+def test_the_metrics_table_lists_every_metric_with_its_type() -> None:
+    exported = {
+        (family.name + ("_total" if family.type == "counter" else ""), family.type)
+        for family in Metrics().registry.collect()
+        if family.name.startswith("bridge_")
+    }
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"^\| `(bridge_[a-z_]+)` \| (counter|gauge|histogram) \|", operations, re.MULTILINE))
+    assert exported, "Metrics exports no bridge_* family: this test no longer reads what it should"
+    assert documented == exported, (
+        f"docs/operations.md's metrics table differs from service/ops/metrics.py: "
+        f"not exported {sorted(documented - exported)}, not documented {sorted(exported - documented)}"
+    )
