@@ -19,13 +19,11 @@ from functools import partial
 import httpx
 from aiokafka.errors import KafkaError
 
-from service.apis.routes import Router
-from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.codec import AvroCodec
 from service.avro.registry import SchemaRegistry
 from service.config.credentials import ApiKey
 from service.config.settings import Settings
 from service.core.errors import FatalError
-from service.core.events import EventKind
 from service.core.requests import Destination
 from service.http.batching import Batcher
 from service.http.breaker import BreakerState, Fault
@@ -37,6 +35,7 @@ from service.kafka.deadletter import DeadLetterWriter, Redactor
 from service.ops.health import HealthState, OpsServer
 from service.ops.metrics import Metrics
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
+from service.streams import Router, by_topic, schema_set
 from service.tracing import build_tracing
 
 log = logging.getLogger(__name__)
@@ -49,11 +48,6 @@ def secrets_of(settings: Settings) -> list[str]:
         if secret is not None:
             values.append(secret.get_secret_value())
     return values
-
-
-def topic_kinds(settings: Settings) -> dict[str, EventKind]:
-    t = settings.topics
-    return {t.inferences: EventKind.INFERENCE, t.row_updates: EventKind.ROW_UPDATE, t.log_updates: EventKind.LOG_UPDATE}
 
 
 def build_guards(
@@ -100,7 +94,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
     rng = random.Random()
     redact = redact or Redactor(secrets_of(settings))
     d = settings.delivery
-    kinds = topic_kinds(settings)
+    streams = by_topic(settings.topics)
     metrics = Metrics()
     # The loop beats at least every poll; silence this long means it is stuck, not busy.
     health = HealthState(stale_after_s=max(60.0, 3 * d.drain_timeout_s))
@@ -139,19 +133,12 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
                 username=sr.username,
                 password=sr.password.get_secret_value() if sr.password else None,
             )
-        codec = AvroCodec(SchemaSet.from_dir(settings.schemas_dir), registry, sr.wire_format)
+        codec = AvroCodec(schema_set(settings.schemas_dir), registry, sr.wire_format)
 
         delivery = Delivery(
             http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics, tracing=tracing
         )
-        ol = settings.openlayer
-        router = Router(
-            openlayer_base_url=ol.base_url,
-            humanloop_base_url=settings.humanloop.base_url,
-            pipeline_configs=ol.pipeline_configs,
-            default_config=ol.default_config,
-            inference_id_column=ol.inference_id_column,
-        )
+        router = Router.from_settings(settings)
 
         producer = KafkaDeadLetterProducer(settings.kafka, settings.dead_letter.send_timeout_s)
         stack.push_async_callback(producer.stop)  # before start: a half-started client still needs closing
@@ -163,7 +150,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             redact=redact,
             attempts=settings.dead_letter.send_attempts,
         )
-        await dead_letters.prepare(kinds)
+        await dead_letters.prepare(streams)
 
         b = settings.batch
         batcher = Batcher(
@@ -181,7 +168,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             delivery,
             dead_letters,
             batcher,
-            kinds,
+            streams,
             rng=rng,
             initial_backoff_s=d.initial_backoff_s,
             max_backoff_s=d.max_backoff_s,
@@ -206,12 +193,12 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             metrics,
             health,
         )
-        loop.subscribe(list(kinds))
+        loop.subscribe(list(streams))
         running_on = type(asyncio.get_running_loop())
         log.info(
             "running",
             extra={
-                "topics": list(kinds),
+                "topics": list(streams),
                 "group_id": settings.kafka.group_id,
                 "event_loop": f"{running_on.__module__}.{running_on.__qualname__}",
             },

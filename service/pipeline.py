@@ -16,9 +16,8 @@ from typing import Any, Protocol, cast
 
 from opentelemetry.trace import Span
 
-from service.apis.routes import Router
 from service.core.errors import InternalError, RecordError, TransientError
-from service.core.events import Event, EventKind, NewInference
+from service.core.events import Event, EventKind
 from service.core.records import Lender, SourceRecord, Work
 from service.core.requests import ApiRequest, PublishRow
 from service.http.batching import Batcher
@@ -26,6 +25,7 @@ from service.http.classify import backoff_s
 from service.http.delivery import Delivery
 from service.kafka.deadletter import DeadLetterWriter
 from service.ops.metrics import Metrics
+from service.streams import Router, Stream
 from service.tracing import Tracing, log_fields
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Pipeline:
         delivery: Delivery,
         dead_letters: DeadLetterWriter,
         batcher: Batcher,
-        kinds: Mapping[str, EventKind],
+        streams: Mapping[str, Stream[Any, Any]],
         *,
         rng: random.Random,
         initial_backoff_s: float,
@@ -58,7 +58,7 @@ class Pipeline:
         self._delivery = delivery
         self._dead_letters = dead_letters
         self._batcher = batcher
-        self._kinds = kinds
+        self._streams = streams
         self._rng = rng
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -68,20 +68,22 @@ class Pipeline:
         # The record's span (None when tracing is off) goes with it to its outcome, as a parameter.
         span = self._tracing.start_record(record)
         try:
-            event = await self._decode(record, span)
-            if isinstance(event, NewInference):
-                row = self._router.publish_row(event, record)
+            stream = self._streams[record.topic]
+            event = await self._decode(stream.kind, record, span)
+            api = self._router.api(stream.destination)
+            if stream.batch_row is not None:
+                row = stream.batch_row(api, event, record)
                 # Rows keep their order inside the batcher, so they need no key, and they batch.
                 return Work(key=None, start=partial(self._start_publish, record, row, span))
-            request = self._router.route(event, record)
+            request = stream.route(api, event, record)
+            key = stream.ordering_key(event)
         except RecordError as exc:
             return self._dead_work(record, exc, span)
         except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
             return self._dead_work(record, _bug(record, exc, "preparing", span), span)
-        return Work(key=request.key, start=partial(self._start_deliver, record, request, span))
+        return Work(key=key, start=partial(self._start_deliver, record, request, span))
 
-    async def _decode(self, record: SourceRecord, span: Span | None) -> Event:
-        kind = self._kinds[record.topic]
+    async def _decode(self, kind: EventKind, record: SourceRecord, span: Span | None) -> Event:
         attempt = 0
         while True:
             try:

@@ -36,6 +36,8 @@ from service.config.credentials import SecretFileError, read_secret_file
 
 ENV_PREFIX = "BRIDGE_"
 ENV_DELIMITER = "__"
+DEFAULT_SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+"""Where the repository keeps the `.avsc` files; deployments may point elsewhere (BRIDGE_SCHEMAS_DIR)."""
 
 
 _BOTH_SET = "secret_value_and_file"
@@ -172,11 +174,19 @@ class TopicSettings(_Section):
         default_factory=dict, description="source topic -> dead-letter topic, when <topic><suffix> won't do"
     )
 
+    # Every field but the dead-letter ones names one stream's source topic (service/streams.py, `setting`).
+    _not_sources: ClassVar[frozenset[str]] = frozenset({"dlq_suffix", "dlq_overrides"})
+
+    @classmethod
+    def source_settings(cls) -> list[str]:
+        """The names of the fields that hold a source topic, in declaration order."""
+        return [name for name in cls.model_fields if name not in cls._not_sources]
+
     @model_validator(mode="after")
     def _distinct(self) -> TopicSettings:
-        names = [self.inferences, self.row_updates, self.log_updates]
+        names = [getattr(self, name) for name in self.source_settings()]
         if len(set(names)) != len(names):
-            raise ValueError(f"the three topics must be distinct, got {names}")
+            raise ValueError(f"the {len(names)} topics must be distinct, got {names}")
         return self
 
     def dead_letter_topic(self, topic: str) -> str:
@@ -336,9 +346,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    schemas_dir: Path = Field(
-        default=Path(__file__).resolve().parents[2] / "schemas", description="directory of the .avsc files"
-    )
+    schemas_dir: Path = Field(default=DEFAULT_SCHEMA_DIR, description="directory of the .avsc files")
     kafka: KafkaSettings
     topics: TopicSettings = TopicSettings()
     openlayer: OpenlayerSettings

@@ -14,7 +14,7 @@ import string
 from collections.abc import Callable
 from typing import Any, Final
 
-from service.avro.codec import TASK_RULES
+from service.apis.openlayer import TASK_RULES
 from service.core.events import EventKind
 from tests.fuzz.rig import EVOLVED_INFERENCE_ID, PIPELINE, REGISTERED, SCHEMA_IDS, encode
 

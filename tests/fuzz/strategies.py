@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from service.avro.codec import MAX_ID_CHARS, TASK_RULES
+from service.apis.openlayer import TASK_RULES
+from service.avro.codec import MAX_ID_CHARS
 from tests.fuzz.rig import PIPELINE, ROOT
 
 CI_EXAMPLES: Final = 150

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.codec import AvroCodec
 from service.core.errors import DecodeError
 from service.core.events import EventKind
+from service.streams import schema_set
 from tests.soak.__main__ import Run, poison_value, slope, split, warmup_records, with_poison
 
 
@@ -41,4 +42,4 @@ def test_poison_comes_after_every_nth_record_across_chunks() -> None:
 @pytest.mark.parametrize("kind", list(EventKind))
 async def test_poison_is_dead_lettered_as_undecodable(kind: EventKind) -> None:
     with pytest.raises(DecodeError):
-        await AvroCodec(SchemaSet.from_dir()).decode(kind, poison_value(1))
+        await AvroCodec(schema_set()).decode(kind, poison_value(1))

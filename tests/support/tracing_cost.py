@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import cast
 
 from bench.data import RecordFactory
-from service.apis.routes import Router
-from service.app import build_guards, topic_kinds
-from service.avro.codec import AvroCodec, SchemaSet
+from service.app import build_guards
+from service.avro.codec import AvroCodec
 from service.config.settings import load_settings
 from service.core.records import SourceRecord
 from service.http.batching import Batcher
@@ -41,6 +40,7 @@ from service.kafka.deadletter import DeadLetterWriter, Redactor
 from service.ops.metrics import Metrics
 from service.ops.runtime import event_loop_factory, tune_garbage_collector
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
+from service.streams import Router, by_topic, schema_set
 from service.tracing import Tracing, build_tracing
 from tests.support.kafka_broker import free_port
 
@@ -147,14 +147,14 @@ async def _round(
     dead_letters = DeadLetterWriter(
         _NoDeadLetters(), topic_for=lambda t: t + ".dlq", group_id="bench", redact=redact, attempts=1
     )
-    codec = AvroCodec(SchemaSet.from_dir(settings.schemas_dir), None, "plain")
+    codec = AvroCodec(schema_set(settings.schemas_dir), None, "plain")
     pipeline = Pipeline(
         codec,
         router,
         delivery,
         dead_letters,
         batcher,
-        topic_kinds(settings),
+        by_topic(settings.topics),
         rng=rng,
         initial_backoff_s=d.initial_backoff_s,
         max_backoff_s=d.max_backoff_s,

@@ -19,10 +19,14 @@ import orjson
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from service.avro.codec import DEFAULT_SCHEMA_DIR, AvroCodec, SchemaSet, snake_to_camel
+from service.apis.openlayer import ConfigShape, snake_to_camel
+from service.avro.codec import AvroCodec
 from service.avro.registry import SchemaRegistry
+from service.avro.schemas import SchemaSet
+from service.config.settings import DEFAULT_SCHEMA_DIR
 from service.core.errors import DecodeError, RegistryUnavailable, RouteError
 from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
+from service.streams import schema_set
 
 PIPELINE = "182bd5e5-6e1a-4fe4-a799-aa6d9a6ab26e"
 Json = dict[str, Any]
@@ -104,7 +108,7 @@ SAMPLES: dict[EventKind, tuple[Json, Event]] = {
 
 @pytest.fixture(scope="module")
 def schemas() -> SchemaSet:
-    return SchemaSet.from_dir(DEFAULT_SCHEMA_DIR)
+    return schema_set(DEFAULT_SCHEMA_DIR)
 
 
 @pytest.fixture
@@ -614,17 +618,14 @@ async def test_an_invalid_config_fails_every_time_it_is_seen(codec: AvroCodec) -
             await codec.decode(EventKind.INFERENCE, value)
 
 
-async def test_the_config_cache_stays_bounded(codec: AvroCodec, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("service.avro.codec.CONFIG_CACHE_SIZE", 3)
-    events = [
-        await decode_inference(
-            codec, {"inference_pipeline_id": "p", "row": {"a": 1}, "config": {"output_column_name": f"o{n}"}}
-        )
-        for n in range(10)
-    ]
+def test_the_config_cache_stays_bounded(schemas: SchemaSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.apis.openlayer.CONFIG_CACHE_SIZE", 3)
+    shape = ConfigShape.of(schemas.reader(EventKind.INFERENCE))
 
-    assert [e.config for e in events] == [{"outputColumnName": f"o{n}"} for n in range(10)]
-    assert len(codec._inference_config.cache) <= 3
+    configs = [shape.to_api({"output_column_name": f"o{n}"}) for n in range(10)]
+
+    assert configs == [{"outputColumnName": f"o{n}"} for n in range(10)]
+    assert len(shape.cache) <= 3
 
 
 # -- task_type validation ----------------------------------------------------------------------------------
@@ -687,7 +688,7 @@ async def test_configs_that_contradict_their_task_type_are_invalid(
 
 def test_schema_set_refuses_a_directory_without_schemas(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"inference\.avsc"):
-        SchemaSet.from_dir(tmp_path)
+        schema_set(tmp_path)
 
 
 @pytest.mark.parametrize("kind", list(EventKind))

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from service.apis.routes import Router
 from service.config.settings import DeliverySettings
 from service.core.errors import RejectedError
 from service.core.events import Event, LogUpdate, NewInference, RowUpdate
@@ -27,6 +26,7 @@ from service.http.breaker import BreakerSettings, BreakerState, Fault
 from service.http.client import HttpxClient
 from service.http.delivery import Delivery, DeliveryReport, Guard, build_guard
 from service.ops.metrics import Metrics
+from service.streams import Router
 
 OL = "https://openlayer.test/v1"
 HL = "https://humanloop.test/v4"

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.codec import AvroCodec
 from service.avro.registry import ParsedSchema
 from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.core.events import EventKind
 from service.core.records import SourceRecord
 from service.kafka.deadletter import Redactor, build_dead_letter
+from service.streams import schema_set
 from service.tools.cli import ParserExit
 from service.tools.dlq.main import (
     Filter,
@@ -78,7 +79,7 @@ def log_value(i: int = 1) -> bytes:
 
 
 def reader() -> ValueReader:
-    return ValueReader(AvroCodec(SchemaSet.from_dir()), KINDS)
+    return ValueReader(AvroCodec(schema_set()), KINDS)
 
 
 # --- headers read back -------------------------------------------------------------------------------------------
@@ -251,12 +252,12 @@ class _Registry:
     async def writer_schema(self, schema_id: int) -> ParsedSchema:
         if schema_id != 7:
             raise DecodeError(f"schema id {schema_id} is unknown", reason="unknown-schema-id")
-        return SchemaSet.from_dir().reader(EventKind.LOG_UPDATE)
+        return schema_set().reader(EventKind.LOG_UPDATE)
 
 
 async def test_a_confluent_framed_value_decodes_with_the_registrys_writer_schema() -> None:
     datum = avro_io.log_update("ref-9", output="Paris", duration=None)
-    codec = AvroCodec(SchemaSet.from_dir(), _Registry())
+    codec = AvroCodec(schema_set(), _Registry())
     value = ValueReader(codec, KINDS)
     framed = ENCODER.confluent(7, ENCODER.raw["log_update"], datum)
 

@@ -37,7 +37,6 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.apis.routes import Router
 from service.config.settings import DeliverySettings
 from service.core.errors import DecodeError
 from service.core.events import EventKind, NewInference
@@ -51,16 +50,17 @@ from service.ops.logging import JsonFormatter
 from service.ops.metrics import Metrics
 from service.otel import Encoder, LeanSpan, OtelTracing, producer_context, reference_encode
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
+from service.streams import Router
 from service.tracing import Tracing, build_tracing, log_fields, tracing_endpoint
 from tests.unit.test_pipeline import (
     HL,
     HL_KEY,
-    KINDS,
     LENDER,
     OL,
     OL_KEY,
     PIPE,
     PUBLISH,
+    STREAMS,
     TOPIC_OF,
     UPDATE_LOG,
     UPDATE_ROW,
@@ -161,7 +161,7 @@ class Wired:
             delivery,
             dead_letters,
             self.batcher,
-            KINDS,
+            STREAMS,
             rng=rng,
             initial_backoff_s=0.001,
             max_backoff_s=0.001,

@@ -32,7 +32,7 @@ import httpx
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from service.avro.codec import AvroCodec, SchemaSet
+from service.avro.codec import AvroCodec
 from service.avro.registry import SchemaRegistry
 from service.config.settings import Settings
 from service.core.errors import BridgeError, FatalError
@@ -46,6 +46,7 @@ from service.kafka.deadletter import (
     SOURCE_TOPIC_HEADER,
     Redactor,
 )
+from service.streams import schema_set, topic_kinds
 from service.tools.cli import (
     EXIT_FAILED,
     EXIT_OK,
@@ -605,7 +606,7 @@ class Report:
 async def inspect(settings: Settings, options: InspectOptions, *, now_ms: int | None = None) -> Report:
     """Read the dead-letter topics once and build the report (nothing redacted yet: `render` does that)."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
-    configured = [settings.topics.inferences, settings.topics.row_updates, settings.topics.log_updates]
+    configured = list(topic_kinds(settings.topics))
     names = list(options.topics) or list(dict.fromkeys(settings.topics.dead_letter_topic(t) for t in configured))
     counts = await _partition_counts(settings)
     missing = [name for name in options.topics if name not in counts]
@@ -637,12 +638,7 @@ async def inspect(settings: Settings, options: InspectOptions, *, now_ms: int | 
 async def _describe(settings: Settings, letters: list[Letter]) -> list[dict[str, Any]]:
     if not letters:
         return []
-    t = settings.topics
-    kinds = {
-        t.inferences: EventKind.INFERENCE,
-        t.row_updates: EventKind.ROW_UPDATE,
-        t.log_updates: EventKind.LOG_UPDATE,
-    }
+    kinds = topic_kinds(settings.topics)
     sr = settings.schema_registry
     d = settings.delivery
     async with httpx.AsyncClient(timeout=httpx.Timeout(d.read_timeout_s, connect=d.connect_timeout_s)) as client:
@@ -650,7 +646,7 @@ async def _describe(settings: Settings, letters: list[Letter]) -> list[dict[str,
         if sr.url is not None:
             password = sr.password.get_secret_value() if sr.password else None
             registry = SchemaRegistry(client, sr.url, username=sr.username, password=password)
-        reader = ValueReader(AvroCodec(SchemaSet.from_dir(settings.schemas_dir), registry, sr.wire_format), kinds)
+        reader = ValueReader(AvroCodec(schema_set(settings.schemas_dir), registry, sr.wire_format), kinds)
         return [letter_json(letter, await reader.read(letter.source_topic, letter.record.value)) for letter in letters]
 
 
