@@ -9,18 +9,52 @@ KAFKA_JARS := .cache/kafka/jars
 MVN_DEP_PLUGIN := org.apache.maven.plugins:maven-dependency-plugin:3.8.1
 
 .DEFAULT_GOAL := help
-.PHONY: help install kafka-jars lint format test test-unit demo run check-config clean
+.PHONY: help install lock lock-check kafka-jars lint format test test-unit demo run check-config clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# Two locks, hash-pinned by pip-tools (`make lock`). requirements.lock: the runtime dependencies the image installs,
+# plus setuptools to build its wheel offline. requirements-dev.lock: the same pins (compiled with requirements.lock
+# as a constraint), the dev extra, pip and the editable build's setuptools. The venv installs only the dev lock and
+# then the service without dependencies or build isolation, so nothing unpinned is downloaded and the tests run on
+# the image's transitive versions (tests/unit/test_habits.py checks the locks against pyproject.toml offline).
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+PIP_COMPILE_FLAGS := --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+LOCK_FLAGS := --build-deps-for=wheel
+DEV_LOCK_FLAGS := --build-deps-for=editable --extra=dev
+# More pip-compile options for `make lock`, e.g. LOCK_ARGS='--upgrade-package aiohttp' or LOCK_ARGS=--upgrade.
+LOCK_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-install: $(VENV)/.installed ## create the venv and install the service with its dev tools
+install: $(VENV)/.installed ## create the venv from requirements-dev.lock (hash-checked) and install the service
+
+lock: install ## regenerate requirements.lock and requirements-dev.lock from pyproject.toml (needs PyPI)
+	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) $(LOCK_FLAGS) $(LOCK_ARGS) --output-file $(LOCK) pyproject.toml
+	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) $(DEV_LOCK_FLAGS) $(LOCK_ARGS) --constraint $(LOCK) \
+	    --output-file $(DEV_LOCK) pyproject.toml
+
+# Compiles both locks again in a temporary folder, starting from the committed ones (pip-compile keeps their pins
+# where pyproject.toml allows them), and compares the pins.
+lock-check: install ## fail if a lock is out of date with pyproject.toml (needs PyPI)
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cp $(LOCK) $(DEV_LOCK) "$$tmp"; \
+	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) $(LOCK_FLAGS) --output-file "$$tmp/$(LOCK)" pyproject.toml; \
+	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) $(DEV_LOCK_FLAGS) --constraint "$$tmp/$(LOCK)" \
+	    --output-file "$$tmp/$(DEV_LOCK)" pyproject.toml; \
+	stale=0; \
+	for lock in $(LOCK) $(DEV_LOCK); do \
+	    diff <(grep -E '^[a-z0-9]' "$$lock") <(grep -E '^[a-z0-9]' "$$tmp/$$lock") \
+	        || { echo "$$lock is stale: run make lock" >&2; stale=1; }; \
+	done; \
+	if [ "$$stale" = 1 ]; then exit 1; fi; \
+	echo "$(LOCK) and $(DEV_LOCK) are up to date"
 
 $(KAFKA_JARS)/.complete: kafka-runtime/pom.xml
 	rm -rf $(KAFKA_JARS)

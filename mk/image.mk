@@ -1,6 +1,6 @@
-# Image: build the container image and lint its Dockerfile; `lock` pins the runtime dependencies with hashes.
-# `make image` needs a container engine: Docker (BuildKit) or Podman/Buildah (`make image DOCKER=podman`);
-# lint-docker and lock do not. `make image-pin` resolves the base image's current digest and pins it.
+# Image: build the container image and lint its Dockerfile. It installs requirements.lock (`make lock`, in the
+# Makefile). `make image` needs a container engine: Docker (BuildKit) or Podman/Buildah (`make image DOCKER=podman`);
+# lint-docker does not. `make image-pin` resolves the base image's current digest and pins it.
 
 DOCKER ?= docker
 IMAGE ?= inference-bridge
@@ -20,12 +20,7 @@ PYTHON_IMAGE_DIGEST ?= $(if $(filter $(DOCKERFILE_PYTHON_IMAGE),$(PYTHON_IMAGE))
 IMAGE_REQUIRE_PIN ?= 0
 # More flags for `$(DOCKER) build`, e.g. IMAGE_BUILD_FLAGS='--platform linux/arm64'.
 IMAGE_BUILD_FLAGS ?=
-# requirements.lock: the [project] dependencies plus the build backend (setuptools, from [build-system]) so
-# the image builds the service's wheel offline with hash-checked tools only. No dev extras.
-PIP_COMPILE_FLAGS := --quiet --generate-hashes --allow-unsafe --build-deps-for=wheel --strip-extras \
-	--no-emit-index-url --no-emit-find-links
-
-.PHONY: image image-pin lint-docker lock lock-check
+.PHONY: image image-pin lint-docker
 
 image: ## build the container image inference-bridge:<version> with docker, or podman (DOCKER=podman)
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "make image: needs a running container engine ('$(DOCKER) info' failed; DOCKER=podman for Podman)" >&2; exit 1; }
@@ -58,16 +53,3 @@ image-pin: ## pin the base image by digest in the Dockerfile: resolve PYTHON_IMA
 
 lint-docker: install ## hadolint the Dockerfile (no findings allowed)
 	$(VENV)/bin/hadolint Dockerfile
-
-lock: install ## regenerate requirements.lock (runtime dependencies pinned with hashes) from pyproject.toml
-	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) --output-file requirements.lock pyproject.toml
-
-lock-check: install ## fail if requirements.lock is out of date with pyproject.toml (needs PyPI)
-	@tmp=$$(mktemp -d) && cp requirements.lock $$tmp/requirements.lock && \
-	$(VENV)/bin/pip-compile $(PIP_COMPILE_FLAGS) --output-file $$tmp/requirements.lock pyproject.toml && \
-	if diff -q <(grep -E '^[a-z0-9]' requirements.lock) <(grep -E '^[a-z0-9]' $$tmp/requirements.lock) >/dev/null; then \
-	    rm -rf $$tmp; echo "requirements.lock is up to date"; \
-	else \
-	    diff <(grep -E '^[a-z0-9]' requirements.lock) <(grep -E '^[a-z0-9]' $$tmp/requirements.lock); rm -rf $$tmp; \
-	    echo "requirements.lock is stale: run make lock" >&2; exit 1; \
-	fi
