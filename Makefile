@@ -2,6 +2,10 @@
 # Everything the project needs is installed here (venv, Kafka jars), cached under ignored folders.
 
 SHELL := /bin/bash
+# A recipe line stops at its first failing command, an unset variable or a failing stage of a pipe, and a target
+# whose recipe failed is deleted, so a half-made stamp or file is never taken as up to date.
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
