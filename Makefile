@@ -68,10 +68,12 @@ $(KAFKA_JARS)/.complete: kafka-runtime/pom.xml
 
 kafka-jars: $(KAFKA_JARS)/.complete ## fetch a Kafka 4.x broker's jars from Maven Central (cached)
 
+# .pre-commit-config.yaml runs the same checks as git hooks; keep the two in step.
 lint: install lint-docker lint-helm ## ruff (lint + format check), mypy --strict, hadolint, helm lint
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/ruff format --check service tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/pre-commit validate-config .pre-commit-config.yaml
 
 format: install ## apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format service tests bench
