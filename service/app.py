@@ -12,7 +12,7 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -36,7 +36,7 @@ from service.ops.health import HealthState, OpsServer
 from service.ops.metrics import Metrics
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router, by_topic, schema_set
-from service.tracing import build_tracing
+from service.tracing import Tracing, build_tracing
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,18 @@ def build_guards(
         Destination.HUMANLOOP: (settings.humanloop.api_key, settings.humanloop.api_key_file, _x_api_key),
     }
     guards = {}
-    for dest, (secret, path, sign) in keys.items():
+    for destination, (secret, path, sign) in keys.items():
         for reason in Fault:
-            metrics.destination_paused.labels(dest.value, reason.value).set(0)
-        metrics.breaker_open.labels(dest.value).set(0)
-        limit_gauge = metrics.concurrency_limit.labels(dest.value)
-        guards[dest] = guard = build_guard(
-            dest,
+            metrics.destination_paused.labels(destination.value, reason.value).set(0)
+        metrics.breaker_open.labels(destination.value).set(0)
+        limit_gauge = metrics.concurrency_limit.labels(destination.value)
+        guards[destination] = guard = build_guard(
+            destination,
             settings.delivery,
-            ApiKey(dest.value, secret.get_secret_value(), path, on_change=redact.add),
+            ApiKey(destination.value, secret.get_secret_value(), path, on_change=redact.add),
             sign,
             rng=rng,
-            on_breaker=partial(_breaker_changed, metrics, dest),
+            on_breaker=partial(_breaker_changed, metrics, destination),
             on_limit=limit_gauge.set,
         )
         limit_gauge.set(guard.limit.limit)
@@ -90,78 +90,22 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
     """Run until `stop` is set; raises `FatalError` if the service cannot keep its delivery promise.
 
     `redact` is the redactor the logs use, so that a key rotated at run time is redacted there too.
+    Each step registers its teardown on one stack, so everything stops in reverse order of starting.
     """
     rng = random.Random()
     redact = redact or Redactor(secrets_of(settings))
-    d = settings.delivery
     streams = by_topic(settings.topics)
     metrics = Metrics()
     # The loop beats at least every poll; silence this long means it is stuck, not busy.
-    health = HealthState(stale_after_s=max(60.0, 3 * d.drain_timeout_s))
+    health = HealthState(stale_after_s=max(60.0, 3 * settings.delivery.drain_timeout_s))
     async with AsyncExitStack() as stack:
-        obs = settings.observability
-        ops = OpsServer(health, metrics, obs.http_host, obs.http_port)
-        await ops.start()
-        stack.push_async_callback(ops.stop)
-        # From the OTEL_* environment; off (costing nothing) unless an OTLP endpoint is set. Closed after
-        # everything that ends spans, so a clean stop exports the last of them (bounded: the collector may be down).
-        tracing = build_tracing(
-            group_id=settings.kafka.group_id,
-            max_batch_rows=settings.batch.max_rows,
-            on_dropped=lambda count, reason: metrics.trace_spans_dropped.labels(reason).inc(count),
-        )
-        stack.push_async_callback(tracing.aclose)
-        if tracing.enabled:
-            for reason in ("queue_full", "export_failed"):
-                metrics.trace_spans_dropped.labels(reason)
-        http = build_http_client(
-            d.http_client,
-            connect_timeout_s=d.connect_timeout_s,
-            read_timeout_s=d.read_timeout_s,
-            max_connections=d.max_connections * len(Destination),
-        )
-        stack.push_async_callback(http.aclose)
-
-        registry = None
-        sr = settings.schema_registry
-        if sr.url is not None:
-            registry_http = httpx.AsyncClient(timeout=httpx.Timeout(d.read_timeout_s, connect=d.connect_timeout_s))
-            stack.push_async_callback(registry_http.aclose)
-            registry = SchemaRegistry(
-                registry_http,
-                sr.url,
-                username=sr.username,
-                password=sr.password.get_secret_value() if sr.password else None,
-            )
-        codec = AvroCodec(schema_set(settings.schemas_dir), registry, sr.wire_format)
-
-        delivery = Delivery(
-            http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics, tracing=tracing
-        )
+        await start_ops_server(stack, settings, health, metrics)
+        tracing = start_tracing(stack, settings, metrics)
+        delivery = build_delivery(stack, settings, metrics, tracing, redact, rng)
+        codec = build_codec(stack, settings)
         router = Router.from_settings(settings)
-
-        producer = KafkaDeadLetterProducer(settings.kafka, settings.dead_letter.send_timeout_s)
-        stack.push_async_callback(producer.stop)  # before start: a half-started client still needs closing
-        await _start_kafka_client(producer.start(), settings.kafka.bootstrap_servers)
-        dead_letters = DeadLetterWriter(
-            producer,
-            topic_for=settings.topics.dead_letter_topic,
-            group_id=settings.kafka.group_id,
-            redact=redact,
-            attempts=settings.dead_letter.send_attempts,
-        )
-        await dead_letters.prepare(streams)
-
-        b = settings.batch
-        batcher = Batcher(
-            partial(publish_batch, router, delivery),
-            max_rows=b.max_rows,
-            max_bytes=b.max_bytes,
-            linger_s=b.linger_ms / 1000,
-            on_batch=metrics.batch_rows.observe,
-            linked_flush=partial(publish_linked_batch, router, delivery, tracing) if tracing.enabled else None,
-        )
-        stack.push_async_callback(batcher.aclose)
+        dead_letters = await start_dead_letters(stack, settings, redact, streams)
+        batcher = build_batcher(stack, settings, router, delivery, tracing, metrics)
         pipeline = Pipeline(
             codec,
             router,
@@ -170,48 +114,165 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
             batcher,
             streams,
             rng=rng,
-            initial_backoff_s=d.initial_backoff_s,
-            max_backoff_s=d.max_backoff_s,
-            metrics=metrics,
+            initial_backoff_s=settings.delivery.initial_backoff_s,
+            max_backoff_s=settings.delivery.max_backoff_s,
+            instrumentation=metrics,
             tracing=tracing,
         )
-        consumer = build_consumer(settings.kafka)
-        stack.push_async_callback(consumer.stop)
-        await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
-        loop = ConsumerLoop(
-            tracing.watch(consumer),  # with tracing on, notes when records were fetched (a span's start)
-            pipeline.prepare,
-            LoopSettings(
-                max_in_flight_per_partition=d.max_in_flight_per_partition,
-                max_in_flight_total=d.max_in_flight_total,
-                max_buffered_per_partition=d.max_buffered_per_partition,
-                max_uncommitted_per_partition=d.max_uncommitted_per_partition,
-                commit_interval_s=settings.kafka.commit_interval_s,
-                drain_timeout_s=d.drain_timeout_s,
-                max_poll_records=settings.kafka.max_poll_records,
-            ),
-            metrics,
-            health,
-        )
+        loop = await start_consumer_loop(stack, settings, pipeline, tracing, metrics, health)
         loop.subscribe(list(streams))
-        running_on = type(asyncio.get_running_loop())
-        log.info(
-            "running",
-            extra={
-                "topics": list(streams),
-                "group_id": settings.kafka.group_id,
-                "event_loop": f"{running_on.__module__}.{running_on.__qualname__}",
-            },
-        )
+        _log_running(settings, list(streams))
         try:
             await loop.run(stop)
         except BaseException as exc:
-            health.fatal = str(exc)
+            health.mark_fatal(str(exc))
             raise
         log.info(
             "stopped cleanly",
             extra={"committed": {f"{tp.topic}-{tp.partition}": o for tp, o in loop.committed.items()}},
         )
+
+
+async def start_ops_server(stack: AsyncExitStack, settings: Settings, health: HealthState, metrics: Metrics) -> None:
+    """/metrics, /livez and /readyz, up first so a probe sees the service start."""
+    observability = settings.observability
+    ops = OpsServer(health, metrics, observability.http_host, observability.http_port)
+    await ops.start()
+    stack.push_async_callback(ops.stop)
+
+
+def start_tracing(stack: AsyncExitStack, settings: Settings, metrics: Metrics) -> Tracing:
+    """Tracing from the OTEL_* environment; off (costing nothing) unless an OTLP endpoint is set."""
+    tracing = build_tracing(
+        group_id=settings.kafka.group_id,
+        max_batch_rows=settings.batch.max_rows,
+        on_dropped=lambda count, reason: metrics.trace_spans_dropped.labels(reason).inc(count),
+    )
+    # Closed after everything that ends spans, so a clean stop exports the last of them (bounded: the
+    # collector may be down).
+    stack.push_async_callback(tracing.aclose)
+    if tracing.enabled:
+        for reason in ("queue_full", "export_failed"):
+            metrics.trace_spans_dropped.labels(reason)
+    return tracing
+
+
+def build_codec(stack: AsyncExitStack, settings: Settings) -> AvroCodec:
+    """The streams' schemas and decoders, with the schema registry when one is configured."""
+    registry_settings = settings.schema_registry
+    delivery = settings.delivery
+    registry = None
+    if registry_settings.url is not None:
+        registry_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(delivery.read_timeout_s, connect=delivery.connect_timeout_s)
+        )
+        stack.push_async_callback(registry_http.aclose)
+        password = registry_settings.password
+        registry = SchemaRegistry(
+            registry_http,
+            registry_settings.url,
+            username=registry_settings.username,
+            password=password.get_secret_value() if password else None,
+        )
+    return AvroCodec(schema_set(settings.schemas_dir), registry, registry_settings.wire_format)
+
+
+def build_delivery(
+    stack: AsyncExitStack,
+    settings: Settings,
+    metrics: Metrics,
+    tracing: Tracing,
+    redact: Redactor,
+    rng: random.Random,
+) -> Delivery:
+    """The shared HTTP client and, per destination, its key, breaker and concurrency limit."""
+    delivery = settings.delivery
+    http = build_http_client(
+        delivery.http_client,
+        connect_timeout_s=delivery.connect_timeout_s,
+        read_timeout_s=delivery.read_timeout_s,
+        max_connections=delivery.max_connections * len(Destination),
+    )
+    stack.push_async_callback(http.aclose)
+    guards = build_guards(settings, metrics, redact, rng)
+    return Delivery(http, delivery, guards, rng=rng, instrumentation=metrics, tracing=tracing)
+
+
+async def start_dead_letters(
+    stack: AsyncExitStack, settings: Settings, redact: Redactor, streams: Mapping[str, object]
+) -> DeadLetterWriter:
+    """The dead-letter producer, started, with every source topic's dead-letter topic checked."""
+    producer = KafkaDeadLetterProducer(settings.kafka, settings.dead_letter.send_timeout_s)
+    stack.push_async_callback(producer.stop)  # before start: a half-started client still needs closing
+    await _start_kafka_client(producer.start(), settings.kafka.bootstrap_servers)
+    dead_letters = DeadLetterWriter(
+        producer,
+        topic_for=settings.topics.dead_letter_topic,
+        group_id=settings.kafka.group_id,
+        redact=redact,
+        attempts=settings.dead_letter.send_attempts,
+    )
+    await dead_letters.prepare(streams)
+    return dead_letters
+
+
+def build_batcher(
+    stack: AsyncExitStack, settings: Settings, router: Router, delivery: Delivery, tracing: Tracing, metrics: Metrics
+) -> Batcher:
+    """Publish-records batching: rows that share a pipeline and a config go in one call."""
+    batch = settings.batch
+    batcher = Batcher(
+        partial(publish_batch, router, delivery),
+        max_rows=batch.max_rows,
+        max_bytes=batch.max_bytes,
+        linger_s=batch.linger_ms / 1000,
+        on_batch=metrics.batch_rows.observe,
+        linked_flush=partial(publish_linked_batch, router, delivery, tracing) if tracing.enabled else None,
+    )
+    stack.push_async_callback(batcher.aclose)
+    return batcher
+
+
+async def start_consumer_loop(
+    stack: AsyncExitStack,
+    settings: Settings,
+    pipeline: Pipeline,
+    tracing: Tracing,
+    metrics: Metrics,
+    health: HealthState,
+) -> ConsumerLoop:
+    """The Kafka consumer, started, and the loop that hands its records to the pipeline."""
+    delivery = settings.delivery
+    consumer = build_consumer(settings.kafka)
+    stack.push_async_callback(consumer.stop)
+    await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
+    return ConsumerLoop(
+        tracing.watch(consumer),  # with tracing on, notes when records were fetched (a span's start)
+        pipeline.prepare,
+        LoopSettings(
+            max_in_flight_per_partition=delivery.max_in_flight_per_partition,
+            max_in_flight_total=delivery.max_in_flight_total,
+            max_buffered_per_partition=delivery.max_buffered_per_partition,
+            max_uncommitted_per_partition=delivery.max_uncommitted_per_partition,
+            commit_interval_s=settings.kafka.commit_interval_s,
+            drain_timeout_s=delivery.drain_timeout_s,
+            max_poll_records=settings.kafka.max_poll_records,
+        ),
+        metrics,
+        health,
+    )
+
+
+def _log_running(settings: Settings, topics: list[str]) -> None:
+    running_on = type(asyncio.get_running_loop())
+    log.info(
+        "running",
+        extra={
+            "topics": topics,
+            "group_id": settings.kafka.group_id,
+            "event_loop": f"{running_on.__module__}.{running_on.__qualname__}",
+        },
+    )
 
 
 class _LastError(logging.Handler):

@@ -24,7 +24,7 @@ from service.http.batching import Batcher
 from service.http.classify import backoff_s
 from service.http.delivery import Delivery
 from service.kafka.deadletter import DeadLetterWriter
-from service.ops.metrics import Metrics
+from service.ops.instrumentation import Instrumentation
 from service.streams import Router, Stream
 from service.tracing import Tracing, log_fields
 
@@ -48,10 +48,10 @@ class Pipeline:
         rng: random.Random,
         initial_backoff_s: float,
         max_backoff_s: float,
-        metrics: Metrics,
+        instrumentation: Instrumentation,
         tracing: Tracing | None = None,
     ) -> None:
-        self._metrics = metrics
+        self._instrumentation = instrumentation
         self._tracing = tracing or Tracing()
         self._decoder = decoder
         self._router = router
@@ -150,7 +150,7 @@ class Pipeline:
             return
         exc = sent.exception()
         if exc is None:
-            self._metrics.record_delivered(record.topic)
+            self._instrumentation.record_delivered(record.topic)
             if span is not None:
                 self._tracing.delivered(span)
             outcome.set_result(None)
@@ -175,7 +175,7 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001  # a bug must not stop the partition; _bug logs it
                 await self._dead_letter(record, _bug(record, exc, "delivering", span), span)
                 return
-            self._metrics.record_delivered(record.topic)
+            self._instrumentation.record_delivered(record.topic)
             if span is not None:
                 self._tracing.delivered(span)
             if log.isEnabledFor(logging.DEBUG):  # the context dict costs more than the call it describes
@@ -197,7 +197,7 @@ class Pipeline:
 
     async def _dead_letter(self, record: SourceRecord, error: RecordError, span: Span | None = None) -> None:
         await self._dead_letters.write(record, error)
-        self._metrics.dead_lettered.labels(record.topic, error.reason).inc()
+        self._instrumentation.record_dead_lettered(record.topic, error.reason)
         if span is not None:
             self._tracing.dead_lettered(span, error)
         status = getattr(getattr(error, "evidence", None), "status", None)

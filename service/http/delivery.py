@@ -36,7 +36,7 @@ from service.http.classify import Verdict, backoff_s, classify, retry_after_s
 from service.http.client import HttpClient, HttpResponse, TransportFailure
 from service.http.limiter import ConcurrencyLimit, LimitSettings
 from service.http.timeouts import AttemptTimeout, TimeoutSettings
-from service.ops.metrics import Metrics
+from service.ops.instrumentation import Instrumentation
 from service.tracing import Tracing, log_fields
 
 # The logger keeps its name from before the package split: log queries and alerts filter on it.
@@ -141,11 +141,11 @@ class Delivery:
         guards: Mapping[Destination, Guard],
         *,
         rng: random.Random,
-        metrics: Metrics,
+        instrumentation: Instrumentation,
         wall_clock: Callable[[], float] = time.time,
         tracing: Tracing | None = None,
     ) -> None:
-        self._metrics = metrics
+        self._instrumentation = instrumentation
         self._tracing = tracing or Tracing()
         self._client = client
         self._settings = settings
@@ -191,8 +191,8 @@ class Delivery:
                     self._tracing.end_call(call, None, failure.kind)
                 timeouts += failure.kind == "timeout"
                 limit.release(None, backpressure=failure.kind == "timeout")
-                self._metrics.call(endpoint, destination, None, time.monotonic() - started)
-                self._metrics.retries.labels(endpoint, failure.kind).inc()
+                self._instrumentation.call(endpoint, destination, None, time.monotonic() - started)
+                self._instrumentation.record_retry(endpoint, failure.kind)
                 breaker.failed(Fault.OUTAGE, probe=probe)
                 failures += 1
                 log.warning(
@@ -211,7 +211,7 @@ class Delivery:
             status = response.status
             if call is not None:
                 self._tracing.end_call(call, status, None)
-            self._metrics.call(endpoint, destination, status, rtt)
+            self._instrumentation.call(endpoint, destination, status, rtt)
             verdict = classify(status, request.endpoint, response.headers)
             if verdict is Verdict.SUCCESS:
                 limit.release(rtt)
@@ -222,7 +222,7 @@ class Delivery:
                 # Other calls with this key succeed: the key may not write this record's target.
                 verdict = Verdict.REJECT
             if verdict is not Verdict.REJECT:
-                self._metrics.retries.labels(endpoint, verdict.value).inc()
+                self._instrumentation.record_retry(endpoint, verdict.value)
             if verdict is Verdict.THROTTLED:
                 limit.release(None, throttled=True)
                 breaker.released(probe=probe)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -28,7 +29,7 @@ from service.kafka.clients import to_source_record
 from service.kafka.offsets import OffsetTracker
 from service.kafka.slots import Slots
 from service.ops.health import HealthState
-from service.ops.metrics import Metrics
+from service.ops.instrumentation import Instrumentation
 
 # The logger keeps its name from before the package split: log queries and alerts filter on it.
 log = logging.getLogger("service.consumer")
@@ -48,6 +49,13 @@ class LoopSettings:
     """Commit before the timer once a partition's done prefix moved this far: a kill repeats less."""
 
 
+class FailureSink(Protocol):
+    """Where a partition worker reports work that failed to reach a durable outcome (the `ConsumerLoop`)."""
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the member: `exc` (a `FatalError`, or a bug) means a record cannot be delivered nor dead-lettered."""
+
+
 class PartitionWorker:
     """Runs one partition's records: prepared in order, same key in order, bounded concurrency.
 
@@ -59,12 +67,12 @@ class PartitionWorker:
     """
 
     def __init__(
-        self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, shared: Slots, loop: ConsumerLoop
+        self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, shared: Slots, failures: FailureSink
     ) -> None:
         self.tp = tp
         self.tracker = OffsetTracker()
         self._prepare = prepare
-        self._loop = loop
+        self._failures = failures
         self._queue: deque[SourceRecord] = deque()
         self._arrived = asyncio.Event()
         self._slots = Slots(max_in_flight)
@@ -124,7 +132,7 @@ class PartitionWorker:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001  # prepare promises not to raise; if it does, stop
-            self._loop.fail(exc)
+            self._failures.fail(exc)
 
     async def _take(self) -> None:
         if not self._slots.try_take():
@@ -178,7 +186,7 @@ class PartitionWorker:
         if exc is None:
             self.tracker.done(offset)
         else:  # a FatalError: the loop stops, nothing is committed past it
-            self._loop.fail(exc)
+            self._failures.fail(exc)
 
     async def stop(self, timeout_s: float) -> None:
         """Take no new records, give started work `timeout_s` to finish, cancel the rest.
@@ -226,7 +234,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         if self._loop.health.stopping:
             return  # about to leave the group; these partitions will be reassigned without us
-        self._loop.health.joined = True
+        self._loop.health.mark_joined()
         log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned)})
 
 
@@ -236,11 +244,11 @@ class ConsumerLoop:
         consumer: AIOKafkaConsumer,
         prepare: Prepare,
         settings: LoopSettings,
-        metrics: Metrics,
+        instrumentation: Instrumentation,
         health: HealthState,
     ) -> None:
         self._consumer = consumer
-        self._metrics = metrics
+        self._instrumentation = instrumentation
         self.health = health
         self._prepare = prepare
         self._settings = settings
@@ -258,7 +266,7 @@ class ConsumerLoop:
         if self._fatal is None:
             log.error("stopping: a record could not be brought to a durable outcome", exc_info=exc)
             self._fatal = exc
-            self.health.fatal = str(exc)
+            self.health.mark_fatal(str(exc))
 
     @property
     def committed(self) -> Mapping[TopicPartition, int]:
@@ -281,7 +289,7 @@ class ConsumerLoop:
                 for tp, records in batches.items():
                     if records:
                         self._worker(tp).push([to_source_record(r) for r in records])
-                        self._metrics.consumed.labels(tp.topic).inc(len(records))
+                        self._instrumentation.record_consumed(tp.topic, len(records))
                 self._apply_backpressure()
                 now = time.monotonic()
                 if now >= next_commit or (now >= last_commit + early_gap and self._prefix_moved()):
@@ -290,7 +298,7 @@ class ConsumerLoop:
                     last_commit = time.monotonic()
                     next_commit = last_commit + self._settings.commit_interval_s
         finally:
-            self.health.stopping = True
+            self.health.mark_stopping()
             # Commit what is done before draining: while this member drains, another one leaving
             # starts a rebalance, this member's generation ends, and a commit after the drain is
             # refused, so everything done since the last tick would be delivered again.
@@ -334,13 +342,13 @@ class ConsumerLoop:
                 self._paused.discard(tp)
 
     def _observe(self) -> None:
-        self._metrics.in_flight.set(sum(w.backlog for w in self._workers.values()))
-        self._metrics.parked.set(sum(w.parked for w in self._workers.values()))
+        workers = self._workers.values()
+        self._instrumentation.record_backlog(sum(w.backlog for w in workers), sum(w.parked for w in workers))
         for tp, worker in self._workers.items():
             highwater = self._consumer.highwater(tp)
             done = worker.tracker.committable()
             if highwater is not None and done is not None:
-                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - done))
+                self._instrumentation.record_lag(tp.topic, tp.partition, max(0, highwater - done))
 
     async def release(self, partitions: Collection[TopicPartition]) -> None:
         """Drain and commit `partitions` (revoke or stop); afterwards they are no longer ours."""
@@ -353,8 +361,7 @@ class ConsumerLoop:
             self._committed.pop(tp, None)
             self._paused.discard(tp)
             # A partition we no longer own must not keep reporting a stale lag.
-            with contextlib.suppress(KeyError):
-                self._metrics.lag.remove(tp.topic, str(tp.partition))
+            self._instrumentation.forget_partition(tp.topic, tp.partition)
 
     async def _commit(self, workers: Mapping[TopicPartition, PartitionWorker]) -> None:
         owned = self._consumer.assignment()
@@ -368,7 +375,7 @@ class ConsumerLoop:
         started = time.monotonic()
         try:
             await self._consumer.commit(offsets)
-            self._metrics.commit_seconds.observe(time.monotonic() - started)
+            self._instrumentation.record_commit(time.monotonic() - started)
         except CommitFailedError as exc:
             # The group rebalanced under us; the new owner re-reads from the last commit.
             log.warning("commit refused by the group, records will be redelivered", extra={"error": str(exc)})

@@ -24,31 +24,56 @@ log = logging.getLogger("service.health")
 
 
 class HealthState:
-    """What the probes report; written by the consumer loop and the app."""
+    """What the probes report; changed only through its methods, by the consumer loop and the app."""
 
     def __init__(self, stale_after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._stale_after_s = stale_after_s
         self._clock = clock
         self._beat = clock()
-        self.joined = False
-        self.stopping = False
-        self.fatal: str | None = None
+        self._joined = False
+        self._stopping = False
+        self._fatal: str | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self._joined
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def fatal(self) -> str | None:
+        return self._fatal
 
     def heartbeat(self) -> None:
+        """The consumer loop turned: it is not stuck."""
         self._beat = self._clock()
 
+    def mark_joined(self) -> None:
+        """The member joined its consumer group (it may own no partition)."""
+        self._joined = True
+
+    def mark_stopping(self) -> None:
+        """The loop is stopping: not ready any more, still live while it drains."""
+        self._stopping = True
+
+    def mark_fatal(self, reason: str) -> None:
+        """The service cannot keep its delivery promise: not live, so the pod is restarted."""
+        self._fatal = reason
+
     def live(self) -> tuple[bool, str]:
-        if self.fatal is not None:
-            return False, f"fatal: {self.fatal}"
+        if self._fatal is not None:
+            return False, f"fatal: {self._fatal}"
         age = self._clock() - self._beat
         if age > self._stale_after_s:
             return False, f"consumer loop silent for {age:.0f}s"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
-        if self.stopping:
+        if self._stopping:
             return False, "stopping"
-        if not self.joined:
+        if not self._joined:
             return False, "not yet joined the consumer group"
         return self.live()
 

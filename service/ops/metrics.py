@@ -7,6 +7,7 @@ key, URL or message, so cardinality stays flat however bad the input is.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from prometheus_client import (
@@ -101,6 +102,31 @@ class Metrics:
         self._latency_children: dict[str, Histogram] = {}
         self._delivered_children: dict[str, Counter] = {}
         self._success_children: dict[str, Gauge] = {}
+
+    # --- service.ops.instrumentation.Instrumentation ---
+
+    def record_consumed(self, topic: str, count: int) -> None:
+        self.consumed.labels(topic).inc(count)
+
+    def record_backlog(self, in_flight: int, parked: int) -> None:
+        self.in_flight.set(in_flight)
+        self.parked.set(parked)
+
+    def record_lag(self, topic: str, partition: int, records: int) -> None:
+        self.lag.labels(topic, str(partition)).set(records)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        with contextlib.suppress(KeyError):  # never reported (no highwater yet)
+            self.lag.remove(topic, str(partition))
+
+    def record_commit(self, seconds: float) -> None:
+        self.commit_seconds.observe(seconds)
+
+    def record_dead_lettered(self, topic: str, reason: str) -> None:
+        self.dead_lettered.labels(topic, reason).inc()
+
+    def record_retry(self, endpoint: str, reason: str) -> None:
+        self.retries.labels(endpoint, reason).inc()
 
     def record_delivered(self, topic: str) -> None:
         # Once per record on the hottest path: a cached child, not `.labels()` each time.

@@ -121,7 +121,7 @@ async def _round(
         max_connections=CONCURRENCY,
     )
     delivery = Delivery(
-        http, d, build_guards(settings, metrics, redact, rng), rng=rng, metrics=metrics, tracing=tracing
+        http, d, build_guards(settings, metrics, redact, rng), rng=rng, instrumentation=metrics, tracing=tracing
     )
     from tests.support.demo import PIPELINE_TABULAR, TABULAR_CONFIG
 
@@ -158,7 +158,7 @@ async def _round(
         rng=rng,
         initial_backoff_s=d.initial_backoff_s,
         max_backoff_s=d.max_backoff_s,
-        metrics=metrics,
+        instrumentation=metrics,
         tracing=tracing,
     )
     lender = _Lender()

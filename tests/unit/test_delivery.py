@@ -167,7 +167,7 @@ class Harness:
             self._record_pauses(dest, guard)
         self.breakers = {dest: guard.breaker for dest, guard in self.guards.items()}
         self.delivery = Delivery(
-            self.client, settings, self.guards, rng=random.Random(3), metrics=Metrics(), wall_clock=wall_clock
+            self.client, settings, self.guards, rng=random.Random(3), instrumentation=Metrics(), wall_clock=wall_clock
         )
 
     def _breaker_changed(self, dest: Destination, state: BreakerState, why: Fault | None) -> None:

@@ -127,7 +127,7 @@ async def _settled() -> None:
 async def test_future_outcomes_settled_out_of_order_commit_only_the_done_prefix() -> None:
     outcomes = _Outcomes()
     loop = _Loop()
-    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)
     worker.push(_records(0, 3))
     await asyncio.wait_for(_started(outcomes, 3), 5)
 
@@ -148,7 +148,7 @@ async def test_future_outcomes_settled_out_of_order_commit_only_the_done_prefix(
 async def test_a_failed_outcome_stops_the_loop_and_is_never_committed() -> None:
     outcomes = _Outcomes()
     loop = _Loop()
-    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, Slots(8), loop)
     worker.push(_records(0, 2))
     await asyncio.wait_for(_started(outcomes, 2), 5)
     fatal = RuntimeError("the dead-letter topic refused the record")
@@ -165,7 +165,7 @@ async def test_a_failed_outcome_stops_the_loop_and_is_never_committed() -> None:
 async def test_stop_cancels_unfinished_outcomes_and_frees_their_slots() -> None:
     outcomes = _Outcomes()
     shared = Slots(2)
-    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, shared, _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), outcomes.prepare, 8, shared, _Loop())
     worker.push(_records(0, 2))
     await asyncio.wait_for(_started(outcomes, 2), 5)
     assert shared.free == 0
@@ -185,7 +185,7 @@ async def test_stop_cancels_a_same_key_chain_and_frees_every_slot() -> None:
         return (await keyed.prepare(record))._replace(key="same")
 
     shared = Slots(3)
-    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, _Loop())
     worker.push(_records(0, 3))
     await asyncio.wait_for(_started(keyed, 1), 5)
     await _settled()
@@ -208,7 +208,7 @@ async def test_a_start_that_raises_stops_the_loop_without_keeping_its_slots() ->
 
     loop = _Loop()
     shared = Slots(2)
-    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, loop)  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, shared, loop)
     worker.push(_records(0, 1))
     await _settled()
 
@@ -250,7 +250,7 @@ async def test_a_parked_record_gives_its_slot_to_other_keys_and_holds_the_commit
     # One slot only: without parking, offset 0 would hold it and nothing else could run.
     parker = _Parker({o: o for o in range(10)}, parking={0})
     shared = Slots(1)
-    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, shared, _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, shared, _Loop())
     worker.push(_records(0, 10))
 
     await asyncio.wait_for(_until(lambda: len(parker.done) == 9), 10)
@@ -268,7 +268,7 @@ async def test_a_parked_record_gives_its_slot_to_other_keys_and_holds_the_commit
 async def test_later_records_of_a_parked_key_wait_behind_it_without_slots() -> None:
     keys = {o: ("k" if o in (0, 3, 6) else o) for o in range(10)}
     parker = _Parker(keys, parking={0})
-    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, Slots(1), _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 1, Slots(1), _Loop())
     worker.push(_records(0, 10))
 
     await asyncio.wait_for(_until(lambda: len(parker.done) == 7), 10)
@@ -283,7 +283,7 @@ async def test_later_records_of_a_parked_key_wait_behind_it_without_slots() -> N
 async def test_a_record_cancelled_while_parked_frees_nothing_twice() -> None:
     parker = _Parker(dict.fromkeys(range(3)), parking={0, 1, 2})
     shared = Slots(2)
-    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 2, shared, _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), parker.prepare, 2, shared, _Loop())
     worker.push(_records(0, 3))
     await asyncio.wait_for(_until(lambda: worker.parked == 3), 10)
 
@@ -301,7 +301,7 @@ async def test_a_stop_lets_records_waiting_behind_their_key_run_so_the_done_pref
     async def prepare(record: SourceRecord) -> Work:
         return (await outcomes.prepare(record))._replace(key="k" if record.offset in (0, 2) else record.offset)
 
-    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, Slots(8), _Loop())  # type: ignore[arg-type]
+    worker = PartitionWorker(TopicPartition("t", 0), prepare, 8, Slots(8), _Loop())
     worker.push(_records(0, 4))
     await asyncio.wait_for(_started(outcomes, 3), 5)  # 0, 1 and 3; 2 waits for 0
     outcomes.futures[1].set_result(None)

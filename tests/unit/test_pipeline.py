@@ -167,7 +167,7 @@ class Bench:
             settings,
             guards,
             rng=rng,
-            metrics=self.metrics,
+            instrumentation=self.metrics,
             wall_clock=lambda: 1_800_000_000.0,
         )
         router = Router(
@@ -200,7 +200,7 @@ class Bench:
             rng=rng,
             initial_backoff_s=backoff_s[0],
             max_backoff_s=backoff_s[1],
-            metrics=self.metrics,
+            instrumentation=self.metrics,
         )
 
     async def process(self, record: SourceRecord) -> Hashable:

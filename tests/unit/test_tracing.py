@@ -130,7 +130,7 @@ class Wired:
             settings,
             guards,
             rng=rng,
-            metrics=self.metrics,
+            instrumentation=self.metrics,
             wall_clock=lambda: 1_800_000_000.0,
             tracing=tracing,
         )
@@ -165,7 +165,7 @@ class Wired:
             rng=rng,
             initial_backoff_s=0.001,
             max_backoff_s=0.001,
-            metrics=self.metrics,
+            instrumentation=self.metrics,
             tracing=tracing,
         )
 

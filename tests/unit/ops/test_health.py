@@ -21,7 +21,7 @@ class ManualClock:
 
 def joined_state(clock: ManualClock, stale_after_s: float = 30.0) -> HealthState:
     state = HealthState(stale_after_s=stale_after_s, clock=clock)
-    state.joined = True
+    state.mark_joined()
     return state
 
 
@@ -42,7 +42,7 @@ def test_a_fresh_heartbeat_is_live_and_a_silent_loop_is_not() -> None:
 def test_a_fatal_error_is_not_live_however_fresh_the_heartbeat() -> None:
     clock = ManualClock()
     state = joined_state(clock)
-    state.fatal = "the dead-letter topic refused the record"
+    state.mark_fatal("the dead-letter topic refused the record")
     state.heartbeat()
 
     assert state.live() == (False, "fatal: the dead-letter topic refused the record")
@@ -54,10 +54,10 @@ def test_ready_only_between_joining_the_group_and_stopping() -> None:
     state = HealthState(stale_after_s=30.0, clock=clock)
     assert state.ready() == (False, "not yet joined the consumer group")
 
-    state.joined = True
+    state.mark_joined()
     assert state.ready() == (True, "ok")
 
-    state.stopping = True
+    state.mark_stopping()
     assert state.ready() == (False, "stopping")
     assert state.live() == (True, "ok"), "a stopping member is still alive while it drains"
 
@@ -122,11 +122,11 @@ async def test_livez_and_readyz_answer_200_or_503_with_the_reason(port: int, sta
     assert (live.status, live.body) == (200, b"ok\n")
     assert (ready.status, ready.body) == (503, b"not yet joined the consumer group\n")
 
-    state.joined = True
+    state.mark_joined()
     ready = await get(port, "/readyz")
     assert (ready.status, ready.body) == (200, b"ok\n")
 
-    state.fatal = "boom"
+    state.mark_fatal("boom")
     live = await get(port, "/livez")
     assert (live.status, live.body) == (503, b"fatal: boom\n")
 
