@@ -14,8 +14,8 @@ import sys
 from service.app import install_signal_handlers, run, secrets_of
 from service.config.settings import Settings, SettingsError, load_settings
 from service.core.errors import BridgeError
-from service.kafka.deadletter import Redactor
 from service.ops.logging import configure_logging
+from service.ops.redaction import Redactor
 from service.ops.runtime import event_loop_factory, tune_garbage_collector
 
 

@@ -31,9 +31,10 @@ from service.http.client import build_http_client
 from service.http.delivery import Delivery, Guard, build_guard
 from service.kafka.clients import KafkaDeadLetterProducer, build_consumer
 from service.kafka.consumer import ConsumerLoop, LoopSettings
-from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.kafka.deadletter import DeadLetterWriter
 from service.ops.health import HealthState, OpsServer
 from service.ops.metrics import Metrics
+from service.ops.redaction import Redactor
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router, by_topic, schema_set
 from service.tracing import Tracing, build_tracing

@@ -24,7 +24,8 @@ from service.apis.openlayer import Openlayer
 from service.avro.codec import AvroRecord
 from service.avro.registry import ParsedSchema
 from service.avro.schemas import SchemaSet
-from service.config.settings import DEFAULT_SCHEMA_DIR, Settings, TopicSettings
+from service.config.kafka import TopicSettings
+from service.config.settings import DEFAULT_SCHEMA_DIR, Settings
 from service.core.events import Event, EventKind, JsonObject, LogUpdate, NewInference, RowUpdate
 from service.core.requests import ApiRequest, Coordinates, Destination, Endpoint, PublishRow
 

@@ -28,7 +28,7 @@ from urllib.parse import urlencode
 
 from opentelemetry.trace import Span
 
-from service.config.settings import DeliverySettings
+from service.config.delivery import DeliverySettings
 from service.core.errors import HttpEvidence, RejectedError
 from service.core.requests import ApiRequest, Destination, Endpoint
 from service.http.breaker import Breaker, BreakerSettings, BreakerState, Fault

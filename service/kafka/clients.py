@@ -9,9 +9,10 @@ import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from service.config.settings import KafkaSettings
+from service.config.kafka import KafkaSettings
 from service.core.errors import TransientError
 from service.core.records import SourceRecord
 from service.kafka.deadletter import DeadLetter
@@ -66,20 +67,39 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     )
 
 
-def build_reader(settings: KafkaSettings, *, role: str) -> AIOKafkaConsumer:
-    """A consumer without a group, for read-only tools: it is assigned partitions and seeks; it never joins a
-    group and cannot commit an offset (aiokafka refuses to commit without a group id)."""
+def build_reader(settings: KafkaSettings, *, role: str, group_id: str | None = None) -> AIOKafkaConsumer:
+    """A consumer for the tools: it is assigned partitions and seeks, it never subscribes (no rebalance to wait for).
+
+    Without `group_id` it cannot commit (aiokafka refuses to commit without a group id), which read-only tools
+    want. With one, the group gives the committed start position and a place to commit progress by hand.
+    """
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
-        group_id=None,
+        group_id=group_id,
         client_id=f"{settings.client_id}-{role}",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        enable_auto_commit=False,  # a tool commits only what it finished, if anything
+        auto_offset_reset="earliest",  # a fresh group starts at the oldest record
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
         **security_options(settings),
     )
+
+
+def build_admin(settings: KafkaSettings, *, role: str) -> AIOKafkaAdminClient:
+    """An admin client, for the tools' topic listings."""
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"{settings.client_id}-{role}",
+        **security_options(settings),
+    )
+
+
+async def list_partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
+    """Every topic's partition count. It lists all topics rather than asking for one by name, because a
+    metadata request that names a topic auto-creates it on brokers that allow that."""
+    described: list[dict[str, Any]] = await admin.describe_topics()
+    return {topic["topic"]: len(topic["partitions"]) for topic in described if topic["error_code"] == 0}
 
 
 def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s: float) -> AIOKafkaProducer:

@@ -19,11 +19,11 @@ from typing import Protocol
 
 from service.core.errors import BridgeError, DeadLetterWriteError, RecordError, RejectedError
 from service.core.records import SourceRecord
+from service.ops.redaction import Redactor
 
 # The logger keeps its name from before the package split: log queries and alerts filter on it.
 log = logging.getLogger("service.deadletter")
 
-REDACTED = "[REDACTED]"
 _MAX_MESSAGE_CHARS = 2000
 
 
@@ -43,26 +43,6 @@ class DeadLetterProducer(Protocol):
     async def send(self, letter: DeadLetter) -> None: ...
 
     async def partition_count(self, topic: str) -> int: ...
-
-
-class Redactor:
-    """Removes known secret values from any text bound for a header or a log line."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets: tuple[str, ...] = ()
-        for secret in secrets:
-            self.add(secret)
-
-    def add(self, secret: str) -> None:
-        """Learn one more secret (a rotated API key): longest first, so a key that contains another goes whole."""
-        if len(secret) >= 4 and secret not in self._secrets:
-            self._secrets = tuple(sorted({*self._secrets, secret}, key=len, reverse=True))
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
 
 
 SOURCE_TOPIC_HEADER = "__connect.errors.topic"

@@ -17,7 +17,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from service.config.settings import load_settings
-from service.tools.dlq.main import Filter, InspectOptions, InspectUsageError, inspect
+from service.tools.dlq.cli import InspectOptions
+from service.tools.dlq.letters import Filter, InspectUsageError
+from service.tools.dlq.reader import inspect
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PIPELINE, is_marked
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder

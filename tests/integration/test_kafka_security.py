@@ -30,8 +30,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from service.app import run, secrets_of
 from service.config.settings import Settings, load_settings
 from service.core.errors import BridgeError
-from service.kafka.deadletter import Redactor
 from service.ops.logging import JsonFormatter
+from service.ops.redaction import Redactor
 from tests.integration.cases import CASES, HUMANLOOP_KEY, OPENLAYER_KEY, PARTITIONS, is_marked
 from tests.support.avro_io import AvroEncoder
 from tests.support.bridge import REPO, Topics, bridge_environment, running_bridge

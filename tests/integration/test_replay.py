@@ -19,8 +19,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from service.config.settings import Settings, load_settings
 from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.core.records import SourceRecord
-from service.kafka.deadletter import DeadLetter, Redactor, build_dead_letter
-from service.tools.replay.main import REPLAY_COUNT_HEADER, ReplayError, ReplaySummary, parse_options, replay
+from service.kafka.deadletter import DeadLetter, build_dead_letter
+from service.ops.redaction import Redactor
+from service.tools.replay.cli import parse_options
+from service.tools.replay.plan import REPLAY_COUNT_HEADER
+from service.tools.replay.runner import ReplayError, ReplaySummary, replay
 from tests.support.bridge import REPO
 from tests.support.kafka_broker import create_topics
 from tests.support.kafka_io import committed, end_offsets, read_all

@@ -36,8 +36,9 @@ from service.core.records import SourceRecord
 from service.http.batching import Batcher
 from service.http.client import HttpClientKind, build_http_client
 from service.http.delivery import Delivery
-from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.kafka.deadletter import DeadLetterWriter
 from service.ops.metrics import Metrics
+from service.ops.redaction import Redactor
 from service.ops.runtime import event_loop_factory, tune_garbage_collector
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router, by_topic, schema_set

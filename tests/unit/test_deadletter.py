@@ -16,7 +16,8 @@ from service.core.errors import (
     TransientError,
 )
 from service.core.records import SourceRecord
-from service.kafka.deadletter import REDACTED, DeadLetter, DeadLetterWriter, Redactor, build_dead_letter
+from service.kafka.deadletter import DeadLetter, DeadLetterWriter, build_dead_letter
+from service.ops.redaction import REDACTED, Redactor
 
 OL_KEY = "sk-ol-0123456789abcdef"
 HL_KEY = "hl_sk_fedcba9876543210"

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.config.settings import DeliverySettings
+from service.config.delivery import DeliverySettings
 from service.core.errors import RejectedError
 from service.core.events import Event, LogUpdate, NewInference, RowUpdate
 from service.core.requests import ApiRequest, Destination, Endpoint, RecordCoordinates

@@ -14,28 +14,15 @@ from service.avro.registry import ParsedSchema
 from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.core.events import EventKind
 from service.core.records import SourceRecord
-from service.kafka.deadletter import Redactor, build_dead_letter
+from service.kafka.deadletter import build_dead_letter
+from service.ops.redaction import Redactor
 from service.streams import schema_set
 from service.tools.cli import ParserExit
-from service.tools.dlq.main import (
-    Filter,
-    InspectOptions,
-    InspectUsageError,
-    Letter,
-    Report,
-    TopicSummary,
-    ValueReader,
-    age_bucket,
-    http_evidence,
-    human_age,
-    jsonable,
-    letter_json,
-    letter_text,
-    parse_options,
-    parse_since,
-    render,
-    summary_text,
-)
+from service.tools.dlq.cli import InspectOptions, parse_options, parse_since
+from service.tools.dlq.letters import Filter, InspectUsageError, Letter, TopicSummary, age_bucket, human_age
+from service.tools.dlq.reader import Report
+from service.tools.dlq.render import letter_text, render, summary_text
+from service.tools.dlq.values import ValueReader, http_evidence, jsonable, letter_json
 from tests.support import avro_io
 from tests.support.avro_io import AvroEncoder
 

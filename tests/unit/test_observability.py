@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.kafka.deadletter import Redactor
 from service.ops.logging import (
     BROKER_UNREACHABLE,
     COORDINATOR_MOVED,
@@ -22,6 +21,7 @@ from service.ops.logging import (
     JsonFormatter,
     configure_logging,
 )
+from service.ops.redaction import Redactor
 
 
 def _record(msg: str, **extra: object) -> logging.LogRecord:

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from service.apis.openlayer import stable_inference_id
-from service.config.settings import DeliverySettings, TopicSettings
+from service.config.delivery import DeliverySettings
+from service.config.kafka import TopicSettings
 from service.core.errors import DeadLetterWriteError, DecodeError, RegistryUnavailable, RouteError, TransientError
 from service.core.events import Event, EventKind, LogUpdate, NewInference, RowUpdate
 from service.core.records import SourceRecord
@@ -23,8 +24,9 @@ from service.http.batching import Batcher
 from service.http.breaker import BreakerSettings
 from service.http.client import HttpxClient
 from service.http.delivery import Delivery, build_guard
-from service.kafka.deadletter import DeadLetter, DeadLetterWriter, Redactor
+from service.kafka.deadletter import DeadLetter, DeadLetterWriter
 from service.ops.metrics import Metrics
+from service.ops.redaction import Redactor
 from service.pipeline import Pipeline, publish_batch
 from service.streams import Router, by_topic
 

@@ -8,22 +8,21 @@ import pytest
 from service.config.settings import load_settings
 from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.core.records import SourceRecord
-from service.kafka.deadletter import Redactor, build_dead_letter
+from service.kafka.deadletter import build_dead_letter
+from service.ops.redaction import Redactor
 from service.tools.cli import ParserExit
-from service.tools.replay.main import (
+from service.tools.replay.cli import parse_options
+from service.tools.replay.main import main
+from service.tools.replay.plan import (
     REPLAY_COUNT_HEADER,
-    ReplayOptions,
-    ReplaySummary,
-    ReplayUsageError,
-    Verdict,
-    main,
-    parse_options,
+    Action,
     plan,
     replay_count,
     replay_headers,
     source_partition,
     target_partition,
 )
+from service.tools.replay.runner import ReplayOptions, ReplaySummary, ReplayUsageError
 
 ORIGINAL_HEADERS = (("traceparent", b"00-abc-01"), ("producer", b"svc-a"), ("traceparent", b"dup"))
 RECORD = SourceRecord(
@@ -66,8 +65,8 @@ def dead_letter(error: RecordError, record: SourceRecord = RECORD, dlq_offset: i
     )
 
 
-def decide(letter: SourceRecord, *reasons: str, max_replays: int = 3) -> Verdict:
-    return plan(letter, reasons=frozenset(reasons), max_replays=max_replays).verdict
+def decide(letter: SourceRecord, *reasons: str, max_replays: int = 3) -> Action:
+    return plan(letter, reasons=frozenset(reasons), max_replays=max_replays).action
 
 
 # --- headers ---------------------------------------------------------------------------------------------------
@@ -78,7 +77,7 @@ def test_replay_restores_the_original_record_with_a_count() -> None:
 
     decision = plan(letter, reasons=frozenset(), max_replays=3)
 
-    assert decision.verdict is Verdict.REPLAY
+    assert decision.action is Action.REPLAY
     replay = decision.replay
     assert replay is not None
     assert (replay.topic, replay.partition) == ("inferences", 2)
@@ -158,10 +157,10 @@ def test_target_partition_is_the_original_only_when_the_topic_has_it(
 def test_the_reason_filter_skips_what_was_not_asked_for() -> None:
     letter = dead_letter(RouteError("no config", reason="no-config"))
 
-    assert decide(letter, "no-config") is Verdict.REPLAY
-    assert decide(letter, "http-422", "no-config") is Verdict.REPLAY
-    assert decide(letter, "http-422") is Verdict.SKIP
-    assert decide(letter) is Verdict.REPLAY
+    assert decide(letter, "no-config") is Action.REPLAY
+    assert decide(letter, "http-422", "no-config") is Action.REPLAY
+    assert decide(letter, "http-422") is Action.SKIP
+    assert decide(letter) is Action.REPLAY
 
 
 def test_a_record_without_a_source_topic_is_refused() -> None:
@@ -169,18 +168,18 @@ def test_a_record_without_a_source_topic_is_refused() -> None:
 
     decision = plan(letter, reasons=frozenset(), max_replays=3)
 
-    assert decision.verdict is Verdict.REFUSE
+    assert decision.action is Action.REFUSE
     assert "__connect.errors.topic" in decision.detail
 
 
 def test_the_filter_comes_before_refusal() -> None:
     letter = SourceRecord("x.dlq", 0, 0, b"k", b"v", (("bridge.reason", b"decode-failed"),), 1)
 
-    assert decide(letter, "http-422") is Verdict.SKIP
+    assert decide(letter, "http-422") is Action.SKIP
 
 
-@pytest.mark.parametrize(("count", "verdict"), [(0, Verdict.REPLAY), (2, Verdict.REPLAY), (3, Verdict.REFUSE)])
-def test_records_replayed_max_times_are_refused(count: int, verdict: Verdict) -> None:
+@pytest.mark.parametrize(("count", "verdict"), [(0, Action.REPLAY), (2, Action.REPLAY), (3, Action.REFUSE)])
+def test_records_replayed_max_times_are_refused(count: int, verdict: Action) -> None:
     headers = (*ORIGINAL_HEADERS, (REPLAY_COUNT_HEADER, str(count).encode())) if count else ORIGINAL_HEADERS
     letter = dead_letter(DecodeError("bad"), record=RECORD._replace(headers=headers))
 
@@ -193,7 +192,7 @@ def test_an_unreadable_count_is_refused_rather_than_reset() -> None:
 
     decision = plan(letter, reasons=frozenset(), max_replays=3)
 
-    assert decision.verdict is Verdict.REFUSE
+    assert decision.action is Action.REFUSE
     assert REPLAY_COUNT_HEADER in decision.detail
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from service.apis.openlayer import snake_to_camel
-from service.config.settings import DEFAULT_SCHEMA_DIR, TopicSettings
+from service.config.kafka import TopicSettings
+from service.config.settings import DEFAULT_SCHEMA_DIR
 from service.core.events import EventKind, LogUpdate, NewInference, RowUpdate
 from service.core.requests import RecordCoordinates
 from service.streams import STREAMS, Router, Stream, by_topic, schema_set

@@ -37,7 +37,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from service.config.settings import DeliverySettings
+from service.config.delivery import DeliverySettings
 from service.core.errors import DecodeError
 from service.core.events import EventKind, NewInference
 from service.core.records import SourceRecord
@@ -45,9 +45,10 @@ from service.core.requests import ApiRequest, Destination, Endpoint
 from service.http.batching import Batcher
 from service.http.breaker import BreakerSettings
 from service.http.delivery import Delivery, build_guard
-from service.kafka.deadletter import DeadLetterWriter, Redactor
+from service.kafka.deadletter import DeadLetterWriter
 from service.ops.logging import JsonFormatter
 from service.ops.metrics import Metrics
+from service.ops.redaction import Redactor
 from service.otel import Encoder, LeanSpan, OtelTracing, producer_context, reference_encode
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router

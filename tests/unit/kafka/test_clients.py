@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.structs import ConsumerRecord
 
-from service.config.settings import KafkaSettings
+from service.config.kafka import KafkaSettings
 from service.core.errors import TransientError
 from service.core.records import SourceRecord
 from service.kafka import clients

@@ -1,0 +1,88 @@
+"""What every settings section shares: strictness, and secrets that may come from files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from service.config.credentials import SecretFileError, read_secret_file
+
+BOTH_SET = "secret_value_and_file"
+
+
+class Section(BaseModel):
+    """A settings section: frozen, unknown fields refused, secrets optionally read from files."""
+
+    # A typo in a nested variable (BRIDGE_KAFKA__BOOTSRAP_SERVERS) must fail loudly, not be ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Secret fields that may come from a file instead: the sibling `<name>_file` holds the path,
+    # and the file is read here so `<name>` holds the secret either way and its readers need not care.
+    _file_backed: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _read_secret_files(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        if not cls._file_backed or not isinstance(data, dict):
+            return handler(data)
+        data = dict(data)
+        problems: list[InitErrorDetails] = []
+        unreadable: set[str] = set()
+        for name in cls._file_backed:
+            file_field = f"{name}_file"
+            path = data.get(file_field)
+            if path is None or path == "":
+                data[file_field] = None  # an empty variable (a template's blank) means unset
+                continue
+            if data.get(name) is not None:
+                problems.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError(BOTH_SET, "set only one of the value and the file", {"value": name}),
+                        loc=(file_field,),
+                        input=str(path),
+                    )
+                )
+                continue
+            try:
+                data[name] = read_secret_file(Path(path))
+            except SecretFileError as exc:
+                unreadable.add(name)
+                problems.append(
+                    InitErrorDetails(
+                        type=PydanticCustomError("secret_file", "{problem}", {"problem": str(exc)}),
+                        loc=(file_field,),
+                        input=str(path),
+                    )
+                )
+        if not problems:
+            return handler(data)
+        # Report the file problems together with every other problem of the section (one message
+        # for all, see load_settings), minus the "missing" that an unreadable file would cause.
+        try:
+            handler(data)
+        except ValidationError as exc:
+            problems.extend(
+                error  # type: ignore[misc]
+                for error in exc.errors()
+                if not (error["type"] == "missing" and len(error["loc"]) == 1 and error["loc"][0] in unreadable)
+            )
+        raise ValidationError.from_exception_data(cls.__name__, problems)
+
+
+def http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    if "@" in urlsplit(value).netloc:
+        # A password in a URL ends up in logs and in check-config's output; secrets have their own fields.
+        raise ValueError("must not carry credentials (user:password@); use the USERNAME/PASSWORD settings")
+    return value.rstrip("/")
