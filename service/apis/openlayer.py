@@ -149,7 +149,10 @@ def stable_inference_id(where: Coordinates) -> str:
     Once per row without an id, and `uuid.uuid5` plus `str()` cost more than the hash itself.
     """
     digest = bytearray(
-        hashlib.sha1(_NAMESPACE_BYTES + f"{where.topic}/{where.partition}/{where.offset}".encode()).digest()
+        # SHA-1 because RFC 4122 defines version-5 UUIDs with it; it names a row, it protects nothing.
+        hashlib.sha1(
+            _NAMESPACE_BYTES + f"{where.topic}/{where.partition}/{where.offset}".encode(), usedforsecurity=False
+        ).digest()
     )
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant

@@ -86,5 +86,7 @@ class DeadLetterSettings(Section):
 class ObservabilitySettings(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="root log level")
     log_format: Literal["json", "text"] = Field(default="json", description="one JSON object per line, or text")
-    http_host: str = Field(default="0.0.0.0", description="where /metrics, /livez and /readyz listen")
+    # Every interface by default: Kubernetes probes and Prometheus reach the pod on its own IP. The port serves
+    # only metrics and probes, never data or secrets; NetworkPolicy (the chart's networkPolicy) limits who asks.
+    http_host: str = Field(default="0.0.0.0", description="where /metrics, /livez and /readyz listen")  # noqa: S104
     http_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")

@@ -133,6 +133,25 @@ def build_guard(
     )
 
 
+@dataclass(slots=True)
+class _Delivering:
+    """One request on its way: what each attempt needs, and what the attempts so far have counted."""
+
+    request: ApiRequest
+    guard: Guard
+    record_timestamp_ms: int
+    parking: Parking | None
+    trace: Span | None
+    attempt: int = 0
+    failures: int = 0
+    """Attempts that failed for the API's own reasons: they set the backoff."""
+    timeouts: int = 0
+    """Attempts cut by their timeout: each retry may take twice as long."""
+    conflicts: int = 0
+    probe: bool = False
+    """Whether the current attempt is the breaker's probe."""
+
+
 class Delivery:
     def __init__(
         self,
@@ -156,123 +175,169 @@ class Delivery:
     async def deliver(
         self, request: ApiRequest, record_timestamp_ms: int, parking: Parking | None = None, trace: Span | None = None
     ) -> DeliveryReport:
-        """`trace`: the span of the record (or batch) this call is for; each attempt gets a child span."""
-        guard = self._guards[request.destination]
-        breaker, limit = guard.breaker, guard.limit
-        timeout = guard.timeouts[request.endpoint]
-        endpoint, destination = request.endpoint.value, request.destination.value
-        attempt = 0
-        failures = 0  # attempts that failed for the API's own reasons: they set the backoff
-        timeouts = 0  # attempts of this request cut by their timeout: each retry may take twice as long
-        conflicts = 0
+        """`trace`: the span of the record (or batch) this call is for; each attempt gets a child span.
+
+        Attempts go on until the API accepts the request (the report) or answers about the record in a way
+        no retry changes (a `RejectedError`); outages, throttling and refused keys are waited out.
+        """
+        call = _Delivering(request, self._guards[request.destination], record_timestamp_ms, parking, trace)
         while True:
-            probe = await breaker.admit()
-            attempt += 1
-            if not limit.try_acquire():
-                try:
-                    await limit.acquire()
-                except BaseException:
-                    breaker.released(probe=probe)
-                    raise
-            seconds = min(timeout.ceiling_s, timeout.seconds * 2**timeouts)
-            if probe:
-                seconds = min(seconds, PROBE_TIMEOUT_S)
-            headers, call = guard.headers, None
-            if trace is not None:
-                call = self._tracing.start_call(trace, request, attempt)
-                headers = self._tracing.inject(call, headers)
-            started = time.monotonic()
+            await self._admit(call)
+            answer = await self._attempt(call)
+            if answer is None:  # no answer: a transport failure, already counted and backed off from
+                continue
+            report = await self._answered(call, *answer)
+            if report is not None:
+                return report
+
+    async def _admit(self, call: _Delivering) -> None:
+        """Wait for the breaker to let an attempt through, then for a slot of the destination's limit."""
+        breaker, limit = call.guard.breaker, call.guard.limit
+        call.probe = await breaker.admit()
+        call.attempt += 1
+        if not limit.try_acquire():
             try:
-                response = await self._client.send(
-                    request.method, request.url, request.params, headers, request.body, seconds
-                )
-            except TransportFailure as failure:
-                if call is not None:
-                    self._tracing.end_call(call, None, failure.kind)
-                timeouts += failure.kind == "timeout"
-                limit.release(None, backpressure=failure.kind == "timeout")
-                self._instrumentation.call(endpoint, destination, None, time.monotonic() - started)
-                self._instrumentation.record_retry(endpoint, failure.kind)
-                breaker.failed(Fault.OUTAGE, probe=probe)
-                failures += 1
-                log.warning(
-                    "call failed, will retry",
-                    extra={"endpoint": endpoint, "error": str(failure), "attempt": attempt, **log_fields(trace)},
-                )
-                await self._after_failure(breaker, failures)
-                continue
+                await limit.acquire()
             except BaseException:
-                if call is not None:
-                    self._tracing.end_call(call, None, "cancelled")
-                limit.cancelled()
-                breaker.released(probe=probe)
+                breaker.released(probe=call.probe)
                 raise
-            rtt = time.monotonic() - started
-            status = response.status
-            if call is not None:
-                self._tracing.end_call(call, status, None)
-            self._instrumentation.call(endpoint, destination, status, rtt)
-            verdict = classify(status, request.endpoint, response.headers)
-            if verdict is Verdict.SUCCESS:
-                limit.release(rtt)
-                timeout.observe(rtt)
-                breaker.succeeded(probe=probe)
-                return DeliveryReport(status=status, attempts=attempt)
-            if verdict is Verdict.FORBIDDEN and breaker.recent_success():
-                # Other calls with this key succeed: the key may not write this record's target.
-                verdict = Verdict.REJECT
-            if verdict is not Verdict.REJECT:
-                self._instrumentation.record_retry(endpoint, verdict.value)
-            if verdict is Verdict.THROTTLED:
-                limit.release(None, throttled=True)
-                breaker.released(probe=probe)
-                pause = self._retry_after(response)
-                if pause is not None:
-                    limit.pause_until(time.monotonic() + pause)
-                    continue
-                failures += 1
-                await self._backoff(failures)
-                continue
-            if verdict is Verdict.RETRY:
-                limit.release(None, backpressure=status in _BACKPRESSURE_STATUSES)
-                breaker.failed(Fault.OUTAGE, probe=probe)
-                pause = self._retry_after(response)
-                if pause is not None:
-                    limit.pause_until(time.monotonic() + pause)
-                log.warning(
-                    "retryable status, will retry",
-                    extra={"endpoint": endpoint, "status": status, "attempt": attempt, **log_fields(trace)},
-                )
-                failures += 1
-                if pause is None:
-                    await self._after_failure(breaker, failures)
-                continue
-            if verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
-                limit.release(rtt)
-                if guard.key.reload():
-                    guard.refresh_headers()
-                    breaker.released(probe=probe)
-                    log.warning("API key changed on disk, retrying with it", extra={"destination": destination})
-                    continue
-                breaker.failed(Fault.AUTH, probe=probe)
-                log.warning(
-                    "API key refused, will retry",
-                    extra={"endpoint": endpoint, "status": status, "attempt": attempt, **log_fields(trace)},
-                )
-                failures += 1
-                await self._after_failure(breaker, failures)
-                continue
-            # The API answered about this record, so the destination itself is up.
-            limit.release(rtt)
-            breaker.answered(probe=probe)
-            if verdict is Verdict.CONFLICT and conflicts < self._settings.conflict_retries:
-                conflicts += 1
-                await self._backoff(conflicts)
-                continue
-            if verdict is Verdict.NOT_YET and self._within_grace(record_timestamp_ms):
-                await self._wait_parked(attempt, parking)
-                continue
-            raise self._rejection(request, response, attempt, verdict)
+
+    async def _attempt(self, call: _Delivering) -> tuple[HttpResponse, float] | None:
+        """One HTTP attempt: the response and its round trip, or None after a transport failure."""
+        request, guard = call.request, call.guard
+        timeout = guard.timeouts[request.endpoint]
+        seconds = min(timeout.ceiling_s, timeout.seconds * 2**call.timeouts)
+        if call.probe:
+            seconds = min(seconds, PROBE_TIMEOUT_S)
+        headers, span = guard.headers, None
+        if call.trace is not None:
+            span = self._tracing.start_call(call.trace, request, call.attempt)
+            headers = self._tracing.inject(span, headers)
+        started = time.monotonic()
+        try:
+            response = await self._client.send(
+                request.method, request.url, request.params, headers, request.body, seconds
+            )
+        except TransportFailure as failure:
+            if span is not None:
+                self._tracing.end_call(span, None, failure.kind)
+            await self._transport_failed(call, failure, started)
+            return None
+        except BaseException:
+            if span is not None:
+                self._tracing.end_call(span, None, "cancelled")
+            guard.limit.cancelled()
+            guard.breaker.released(probe=call.probe)
+            raise
+        rtt = time.monotonic() - started
+        if span is not None:
+            self._tracing.end_call(span, response.status, None)
+        self._instrumentation.call(request.endpoint.value, request.destination.value, response.status, rtt)
+        return response, rtt
+
+    async def _transport_failed(self, call: _Delivering, failure: TransportFailure, started: float) -> None:
+        endpoint = call.request.endpoint.value
+        call.timeouts += failure.kind == "timeout"
+        call.guard.limit.release(None, backpressure=failure.kind == "timeout")
+        self._instrumentation.call(endpoint, call.request.destination.value, None, time.monotonic() - started)
+        self._instrumentation.record_retry(endpoint, failure.kind)
+        call.guard.breaker.failed(Fault.OUTAGE, probe=call.probe)
+        call.failures += 1
+        log.warning(
+            "call failed, will retry",
+            extra={"endpoint": endpoint, "error": str(failure), "attempt": call.attempt, **log_fields(call.trace)},
+        )
+        await self._after_failure(call.guard.breaker, call.failures)
+
+    async def _answered(self, call: _Delivering, response: HttpResponse, rtt: float) -> DeliveryReport | None:
+        """What an answer means: the report on success, None to try again, or a `RejectedError`."""
+        request, guard = call.request, call.guard
+        verdict = classify(response.status, request.endpoint, response.headers)
+        if verdict is Verdict.SUCCESS:
+            guard.limit.release(rtt)
+            guard.timeouts[request.endpoint].observe(rtt)
+            guard.breaker.succeeded(probe=call.probe)
+            return DeliveryReport(status=response.status, attempts=call.attempt)
+        if verdict is Verdict.FORBIDDEN and guard.breaker.recent_success():
+            # Other calls with this key succeed: the key may not write this record's target.
+            verdict = Verdict.REJECT
+        if verdict is not Verdict.REJECT:
+            self._instrumentation.record_retry(request.endpoint.value, verdict.value)
+        if verdict is Verdict.THROTTLED:
+            await self._throttled(call, response)
+        elif verdict is Verdict.RETRY:
+            await self._retryable(call, response)
+        elif verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
+            await self._key_refused(call, response, rtt)
+        else:
+            await self._about_the_record(call, response, rtt, verdict)
+        return None
+
+    async def _throttled(self, call: _Delivering, response: HttpResponse) -> None:
+        call.guard.limit.release(None, throttled=True)
+        call.guard.breaker.released(probe=call.probe)
+        pause = self._retry_after(response)
+        if pause is not None:
+            call.guard.limit.pause_until(time.monotonic() + pause)
+            return
+        call.failures += 1
+        await self._backoff(call.failures)
+
+    async def _retryable(self, call: _Delivering, response: HttpResponse) -> None:
+        status = response.status
+        call.guard.limit.release(None, backpressure=status in _BACKPRESSURE_STATUSES)
+        call.guard.breaker.failed(Fault.OUTAGE, probe=call.probe)
+        pause = self._retry_after(response)
+        if pause is not None:
+            call.guard.limit.pause_until(time.monotonic() + pause)
+        log.warning(
+            "retryable status, will retry",
+            extra={
+                "endpoint": call.request.endpoint.value,
+                "status": status,
+                "attempt": call.attempt,
+                **log_fields(call.trace),
+            },
+        )
+        call.failures += 1
+        if pause is None:
+            await self._after_failure(call.guard.breaker, call.failures)
+
+    async def _key_refused(self, call: _Delivering, response: HttpResponse, rtt: float) -> None:
+        guard = call.guard
+        guard.limit.release(rtt)
+        if guard.key.reload():
+            guard.refresh_headers()
+            guard.breaker.released(probe=call.probe)
+            log.warning(
+                "API key changed on disk, retrying with it", extra={"destination": call.request.destination.value}
+            )
+            return
+        guard.breaker.failed(Fault.AUTH, probe=call.probe)
+        log.warning(
+            "API key refused, will retry",
+            extra={
+                "endpoint": call.request.endpoint.value,
+                "status": response.status,
+                "attempt": call.attempt,
+                **log_fields(call.trace),
+            },
+        )
+        call.failures += 1
+        await self._after_failure(guard.breaker, call.failures)
+
+    async def _about_the_record(self, call: _Delivering, response: HttpResponse, rtt: float, verdict: Verdict) -> None:
+        """The API answered about this record, so the destination itself is up: wait and retry, or reject."""
+        call.guard.limit.release(rtt)
+        call.guard.breaker.answered(probe=call.probe)
+        if verdict is Verdict.CONFLICT and call.conflicts < self._settings.conflict_retries:
+            call.conflicts += 1
+            await self._backoff(call.conflicts)
+            return
+        if verdict is Verdict.NOT_YET and self._within_grace(call.record_timestamp_ms):
+            await self._wait_parked(call.attempt, call.parking)
+            return
+        raise self._rejection(call.request, response, call.attempt, verdict)
 
     def _retry_after(self, response: HttpResponse) -> float | None:
         pause = retry_after_s(response.headers, self._now())

@@ -88,7 +88,8 @@ class OpsServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        if self._server is None:
+            raise RuntimeError("the operations port is not open yet: start() it first")
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
