@@ -21,7 +21,7 @@ as an error rather than passing silently: Openlayer answers 400 for a request th
 missing `inferenceId`) and 422 for JSON that breaks the schema, always as `{"code", "error"}`; Humanloop
 answers FastAPI's 422 `{"detail": [{"loc", "msg", "type", "input"}]}` and, unlike the real service, also
 refuses unknown body keys, nulls and numeric strings. The Openlayer `config` is only checked to be an object,
-because its published `oneOf` rejects valid configs (api-spec.md §7, §8).
+because the `oneOf` of Openlayer's published API schema rejects some valid configs.
 
 Per request, the first of these that applies decides the answer: an outage (`set_down`), the rate limit
 (`set_rate_limit`: 429 with `Retry-After: 1` when the API's token bucket is empty), the next scripted fault

@@ -1,4 +1,4 @@
-"""The status table of design.md §3 / api-spec.md §6, Retry-After parsing and the backoff's bounds."""
+"""The status table of service/http/classify.py, Retry-After parsing and the backoff's bounds."""
 
 from __future__ import annotations
 
