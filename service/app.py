@@ -16,11 +16,9 @@ from collections.abc import Awaitable, Mapping
 from contextlib import AsyncExitStack
 from functools import partial
 
-import httpx
 from aiokafka.errors import KafkaError
 
 from service.avro.codec import AvroCodec
-from service.avro.registry import SchemaRegistry
 from service.config.credentials import ApiKey
 from service.config.settings import Settings
 from service.core.errors import FatalError
@@ -36,7 +34,7 @@ from service.ops.health import HealthState, OpsServer
 from service.ops.metrics import Metrics
 from service.ops.redaction import Redactor
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
-from service.streams import Router, by_topic, schema_set
+from service.streams import Router, build_codec, by_topic, registry_client
 from service.tracing import Tracing, build_tracing
 
 log = logging.getLogger(__name__)
@@ -103,7 +101,7 @@ async def run(settings: Settings, stop: asyncio.Event, redact: Redactor | None =
         await start_ops_server(stack, settings, health, metrics)
         tracing = start_tracing(stack, settings, metrics)
         delivery = build_delivery(stack, settings, metrics, tracing, redact, rng)
-        codec = build_codec(stack, settings)
+        codec = start_codec(stack, settings)
         router = Router.from_settings(settings)
         dead_letters = await start_dead_letters(stack, settings, redact, streams)
         batcher = build_batcher(stack, settings, router, delivery, tracing, metrics)
@@ -158,24 +156,12 @@ def start_tracing(stack: AsyncExitStack, settings: Settings, metrics: Metrics) -
     return tracing
 
 
-def build_codec(stack: AsyncExitStack, settings: Settings) -> AvroCodec:
+def start_codec(stack: AsyncExitStack, settings: Settings) -> AvroCodec:
     """The streams' schemas and decoders, with the schema registry when one is configured."""
-    registry_settings = settings.schema_registry
-    delivery = settings.delivery
-    registry = None
-    if registry_settings.url is not None:
-        registry_http = httpx.AsyncClient(
-            timeout=httpx.Timeout(delivery.read_timeout_s, connect=delivery.connect_timeout_s)
-        )
+    registry_http = registry_client(settings)
+    if registry_http is not None:
         stack.push_async_callback(registry_http.aclose)
-        password = registry_settings.password
-        registry = SchemaRegistry(
-            registry_http,
-            registry_settings.url,
-            username=registry_settings.username,
-            password=password.get_secret_value() if password else None,
-        )
-    return AvroCodec(schema_set(settings.schemas_dir), registry, registry_settings.wire_format)
+    return build_codec(settings, registry_http)
 
 
 def build_delivery(

@@ -18,11 +18,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
 
+import httpx
+
 from service.apis import humanloop, openlayer
 from service.apis.humanloop import Humanloop
 from service.apis.openlayer import Openlayer
-from service.avro.codec import AvroRecord
-from service.avro.registry import ParsedSchema
+from service.avro.codec import AvroCodec, AvroRecord
+from service.avro.registry import ParsedSchema, SchemaRegistry
 from service.avro.schemas import SchemaSet
 from service.config.kafka import TopicSettings
 from service.config.settings import DEFAULT_SCHEMA_DIR, Settings
@@ -109,6 +111,29 @@ def topic_kinds(topics: TopicSettings) -> dict[str, EventKind]:
 def schema_set(directory: str | Path = DEFAULT_SCHEMA_DIR) -> SchemaSet:
     """Every stream's reader schema from `directory`, with its decoder."""
     return SchemaSet.load(directory, {stream.kind: (stream.schema, stream.decoder) for stream in STREAMS})
+
+
+def registry_client(settings: Settings) -> httpx.AsyncClient | None:
+    """An HTTP client for the schema registry (the delivery timeouts), or None when no registry is configured."""
+    if settings.schema_registry.url is None:
+        return None
+    delivery = settings.delivery
+    return httpx.AsyncClient(timeout=httpx.Timeout(delivery.read_timeout_s, connect=delivery.connect_timeout_s))
+
+
+def build_codec(settings: Settings, registry_http: httpx.AsyncClient | None) -> AvroCodec:
+    """Every stream's schema and decoder, with the schema registry over `registry_http` when one is configured."""
+    registry_settings = settings.schema_registry
+    registry = None
+    if registry_settings.url is not None and registry_http is not None:
+        password = registry_settings.password
+        registry = SchemaRegistry(
+            registry_http,
+            registry_settings.url,
+            username=registry_settings.username,
+            password=password.get_secret_value() if password else None,
+        )
+    return AvroCodec(schema_set(settings.schemas_dir), registry, registry_settings.wire_format)
 
 
 class Router:

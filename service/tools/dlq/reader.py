@@ -13,15 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from aiokafka import TopicPartition
 
-from service.avro.codec import AvroCodec
-from service.avro.registry import SchemaRegistry
 from service.config.settings import Settings
 from service.core.records import SourceRecord
 from service.kafka.clients import build_admin, build_reader, list_partition_counts, to_source_record
-from service.streams import schema_set, topic_kinds
+from service.streams import build_codec, registry_client, topic_kinds
 from service.tools.cli import (
     kafka_errors,
 )
@@ -137,13 +134,10 @@ async def inspect(settings: Settings, options: InspectOptions, *, now_ms: int | 
 async def _describe(settings: Settings, letters: list[Letter]) -> list[dict[str, Any]]:
     if not letters:
         return []
-    kinds = topic_kinds(settings.topics)
-    sr = settings.schema_registry
-    d = settings.delivery
-    async with httpx.AsyncClient(timeout=httpx.Timeout(d.read_timeout_s, connect=d.connect_timeout_s)) as client:
-        registry = None
-        if sr.url is not None:
-            password = sr.password.get_secret_value() if sr.password else None
-            registry = SchemaRegistry(client, sr.url, username=sr.username, password=password)
-        reader = ValueReader(AvroCodec(schema_set(settings.schemas_dir), registry, sr.wire_format), kinds)
+    registry_http = registry_client(settings)
+    try:
+        reader = ValueReader(build_codec(settings, registry_http), topic_kinds(settings.topics))
         return [letter_json(letter, await reader.read(letter.source_topic, letter.record.value)) for letter in letters]
+    finally:
+        if registry_http is not None:
+            await registry_http.aclose()
