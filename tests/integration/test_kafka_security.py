@@ -183,8 +183,8 @@ def _bridge_env(
 
 async def _produce_secured(bootstrap: str, options: dict[str, Any], topic: str, values: list[bytes]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **options)
-    await producer.start()
     try:
+        await producer.start()  # a start that fails still leaves a client to close
         for i, value in enumerate(values):
             await producer.send_and_wait(topic, value, key=f"k{i}".encode())
     finally:
