@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -246,8 +246,11 @@ class ConsumerLoop:
         settings: LoopSettings,
         instrumentation: Instrumentation,
         health: HealthState,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
+        self._clock = clock  # the commit timer's and the commit duration's; tests pass a manual one
         self._instrumentation = instrumentation
         self.health = health
         self._prepare = prepare
@@ -275,11 +278,11 @@ class ConsumerLoop:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; raises `FatalError` after a clean drain if a record failed fatally."""
-        next_commit = time.monotonic() + self._settings.commit_interval_s
+        next_commit = self._clock() + self._settings.commit_interval_s
         # Early commits (a done prefix that moved far) wait this long after the last one, so a
         # commit that keeps failing is retried at a steady pace rather than on every poll.
         early_gap = min(0.1, self._settings.commit_interval_s)
-        last_commit = time.monotonic()
+        last_commit = self._clock()
         try:
             while not stop.is_set() and self._fatal is None:
                 self.health.heartbeat()
@@ -291,11 +294,11 @@ class ConsumerLoop:
                         self._worker(tp).push([to_source_record(r) for r in records])
                         self._instrumentation.record_consumed(tp.topic, len(records))
                 self._apply_backpressure()
-                now = time.monotonic()
+                now = self._clock()
                 if now >= next_commit or (now >= last_commit + early_gap and self._prefix_moved()):
                     await self._commit(self._workers)
                     self._observe()
-                    last_commit = time.monotonic()
+                    last_commit = self._clock()
                     next_commit = last_commit + self._settings.commit_interval_s
         finally:
             self.health.mark_stopping()
@@ -372,10 +375,10 @@ class ConsumerLoop:
                 offsets[tp] = target
         if not offsets:
             return
-        started = time.monotonic()
+        started = self._clock()
         try:
             await self._consumer.commit(offsets)
-            self._instrumentation.record_commit(time.monotonic() - started)
+            self._instrumentation.record_commit(self._clock() - started)
         except CommitFailedError as exc:
             # The group rebalanced under us; the new owner re-reads from the last commit.
             log.warning("commit refused by the group, records will be redelivered", extra={"error": str(exc)})
