@@ -1,6 +1,7 @@
 """House rules that live in files rather than code, checked offline: the dependency locks agree with
-pyproject.toml and with each other. `make lock-check` asks PyPI whether they are still the current resolution;
-this proves they install what pyproject.toml asks for and that the tests run on the image's versions.
+pyproject.toml and with each other, and CHANGELOG.md keeps its shape. `make lock-check` asks PyPI whether the
+locks are still the current resolution; this proves they install what pyproject.toml asks for and that the
+tests run on the image's versions.
 
 requirements.lock is what the image installs; requirements-dev.lock is what `make install` and CI install (the
 Makefile says how `make lock` makes both).
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = ROOT / "requirements.lock"
@@ -73,3 +75,17 @@ def test_the_dev_lock_has_the_image_s_pins_with_the_same_hashes() -> None:
 def test_the_dev_lock_holds_what_an_offline_make_install_needs() -> None:
     # pip upgrades itself from the lock; setuptools builds the editable install without build isolation.
     assert {"pip", "setuptools"} <= _lock(DEV_LOCK).keys()
+
+
+def test_the_changelog_opens_with_unreleased_and_releases_only_versions_up_to_pyproject_s() -> None:
+    # Keep a Changelog: `## [Unreleased]` first, then `## [X.Y.Z] - YYYY-MM-DD`, newest first; a release is
+    # never ahead of the version pyproject.toml would build.
+    headings = re.findall(r"^## (.+)$", (ROOT / "CHANGELOG.md").read_text(), flags=re.MULTILINE)
+    assert headings[:1] == ["[Unreleased]"]
+    released = [re.fullmatch(r"\[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}", heading) for heading in headings[1:]]
+    assert all(released), f"a heading that is not `## [X.Y.Z] - YYYY-MM-DD`: {headings[1:]}"
+    versions = [Version(match.group(1)) for match in released if match]
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        current = Version(tomllib.load(f)["project"]["version"])
+    assert versions == sorted(versions, reverse=True), "releases newest first"
+    assert all(version <= current for version in versions), (versions, current)
