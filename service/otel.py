@@ -115,7 +115,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         name: str,
         kind: SpanKind,
         base: Mapping[str, AnyValue],
-        values: dict[str, AnyValue],
+        values: dict[str, Any],
         trace_id: int,
         span_id: int,
         flags: int,
@@ -129,7 +129,7 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._name = name
         self._kind = kind
         self._base = base
-        self._values = values
+        self._values: dict[str, Any] = values
         self._trace_id = trace_id
         self._span_id = span_id
         self._flags = flags
@@ -173,7 +173,8 @@ class LeanSpan(trace_api.Span, ReadableSpan):
 
     @property
     def attributes(self) -> Mapping[str, AnyValue]:
-        return MappingProxyType({**self._base, **self._values})
+        values = {k: str(v) if type(v) is FullUrl else v for k, v in self._values.items()}
+        return MappingProxyType({**self._base, **values})
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -238,9 +239,7 @@ class OtelTracing(Tracing):
         version: str | None = None,
     ) -> None:
         self._processor = processor
-        # Straight to the processor's queue: `on_end` only checks again that the span is sampled.
-        batch = getattr(processor, "_batch_processor", None)
-        emit: Callable[[ReadableSpan], None] = batch.emit if batch is not None else processor.on_end
+        emit = queue_emit(processor)
         self._emit = emit
         self._sampler = sampler
         self._owner = _Owner(emit, resource, InstrumentationScope("inference-bridge", version))
@@ -464,11 +463,8 @@ class OtelTracing(Tracing):
         known = self._calls.get(request.endpoint)
         if known is None or not url.startswith(known[0]):
             known = self._calls[request.endpoint] = _call_kind(request)
-        params = request.params
-        if params:
-            # Keys travel in headers only, and URLs with credentials are refused at start-up: no secret here.
-            url += "?" + "&".join([f"{k}={v if _URL_SAFE(v) else quote(v, safe='')}" for k, v in params])
-        values: dict[str, AnyValue] = {"url.full": url}
+        # Written out by the exporter's thread, with the batch (see `FullUrl`).
+        values: dict[str, Any] = {"url.full": FullUrl(url, request.params) if request.params else url}
         if attempt > 1:
             values["http.request.resend_count"] = attempt - 1
         return LeanSpan(
@@ -606,6 +602,27 @@ def producer_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None
 
 
 _URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
+
+
+class FullUrl:
+    """A call's `url.full`, its query written out only when the span is encoded (or its attributes read): on the
+    exporter's thread, a batch at a time, rather than on the event loop for every call."""
+
+    __slots__ = ("_params", "_url")
+
+    def __init__(self, url: str, params: Sequence[tuple[str, str]]) -> None:
+        self._url = url
+        self._params = params
+
+    def __str__(self) -> str:
+        # Keys travel in headers only, and URLs with credentials are refused at start-up: no secret here.
+        query = "&".join([f"{k}={v if _URL_SAFE(v) else quote(v, safe='')}" for k, v in self._params])
+        return f"{self._url}?{query}"
+
+    def __repr__(self) -> str:
+        return repr(str(self))
+
+
 _BATCH: Mapping[str, AnyValue] = MappingProxyType({"bridge.endpoint": "publish"})
 
 
@@ -676,6 +693,39 @@ class _CountDrops:
 
     def finish_items(self, count: int) -> None:
         self._inner.finish_items(count)
+
+
+def queue_emit(processor: SpanProcessor) -> Callable[[ReadableSpan], None]:
+    """What hands an ended span to `processor`: straight to a BatchSpanProcessor's queue when it has the queue of
+    SDK 1.45 (service/otel.py is pinned to it by requirements.lock), else its `on_end`.
+
+    The SDK's `on_end` checks again that the span is sampled, and its queue's `emit` asks the kernel for the
+    process id, for a fork this service never makes: a span costs a deque append, a length test and, once a batch
+    is queued, waking the exporter's thread. A full queue drops the oldest span and counts it, as the SDK's does;
+    after shutdown the SDK's own `emit` refuses and counts.
+    """
+    batch = getattr(processor, "_batch_processor", None)
+    if batch is None:
+        return processor.on_end
+    queue, awaken, size = (
+        getattr(batch, name, None) for name in ("_queue", "_worker_awaken", "_max_export_batch_size")
+    )
+    if not (isinstance(queue, deque) and isinstance(awaken, threading.Event) and isinstance(size, int)):
+        emit: Callable[[ReadableSpan], None] = batch.emit
+        return emit
+    full = queue.maxlen
+
+    def emit_span(span: ReadableSpan) -> None:
+        if batch._shutdown:
+            batch.emit(span)
+            return
+        if len(queue) == full:
+            batch._metrics.drop_items(1)  # the deque drops the oldest span as this one goes in
+        queue.appendleft(span)
+        if len(queue) >= size and not awaken.is_set():
+            awaken.set()
+
+    return emit_span
 
 
 def count_queue_drops(processor: BatchSpanProcessor, on_dropped: OnDropped) -> bool:
@@ -810,23 +860,40 @@ class Encoder:
             known = keys.get(key)
             if known is None:
                 known = keys[key] = [_field(0x0A, key.encode("utf-8", "replace")), {}, 0]
-            values = known[1]
             kind = type(value)
             # bool is an int subclass, not int: it takes the general path.
-            cacheable = values is not None and (kind is str or kind is int)
-            encoded = values.get(value) if cacheable else None
-            if encoded is None:
-                encoded = _field(tag, known[0] + _field(0x12, _any(value)))
-                if cacheable:
-                    if len(values) >= _PER_KEY:
-                        values.clear()
-                        known[2] += 1
-                        if known[2] > 2:  # a key whose values hardly repeat (an offset, a URL): stop caching
-                            known[1] = None
-                    else:
-                        values[value] = encoded
-            out.append(encoded)
+            if kind is str or kind is int:
+                values = known[1]
+                if values is not None:
+                    encoded = values.get(value)
+                    if encoded is None:
+                        encoded = self._remember(tag, known, value)
+                    out.append(encoded)
+                    continue
+                # Not cached (an offset, a URL): AnyValue{int_value (3)} or {string_value (1)}, without `_any`'s tests.
+                if kind is int:
+                    any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
+                else:
+                    any_value = _field(0x0A, value.encode("utf-8", "replace"))
+            else:
+                any_value = _any(value)
+            out.append(_field(tag, known[0] + _field(0x12, any_value)))
         return b"".join(out)
+
+    @staticmethod
+    def _remember(tag: int, known: list[Any], value: str | int) -> bytes:
+        """The key-value pair's encoding, kept in its key's cache; a key whose values hardly repeat (an offset, a
+        URL) fills its cache three times, then stops caching."""
+        encoded = _field(tag, known[0] + _field(0x12, _any(value)))
+        values = known[1]
+        if len(values) >= _PER_KEY:
+            values.clear()
+            known[2] += 1
+            if known[2] > 2:
+                known[1] = None
+        else:
+            values[value] = encoded
+        return encoded
 
     def _resource(self, resource: Resource) -> bytes:
         known = self._resources.get(id(resource))
@@ -851,7 +918,7 @@ class Encoder:
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         groups: dict[tuple[int, int], tuple[ReadableSpan, list[bytes]]] = {}
-        span_field = self._span_field
+        span_field, lean_field = self._span_field, self._lean_span_field
         for span in spans:
             if type(span) is LeanSpan:
                 where = (id(span._owner), 0)
@@ -860,7 +927,7 @@ class Encoder:
             group = groups.get(where)
             if group is None:
                 group = groups[where] = (span, [])
-            group[1].append(span_field(span))
+            group[1].append(lean_field(span) if type(span) is LeanSpan else span_field(span))
         by_resource: dict[int, tuple[Resource, list[bytes]]] = {}
         for first, encoded in groups.values():
             scope = first.instrumentation_scope
