@@ -1,6 +1,6 @@
 """The Python runtime the service process runs in: its event loop and its garbage collector.
 
-Both are chosen by measurement (`make bench`; README, Performance) and set once, at start-up, by
+Both are chosen by measurement (`make bench`; docs/performance.md) and set once, at start-up, by
 `__main__` before the loop starts; nothing else in the service touches them.
 """
 

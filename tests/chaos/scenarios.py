@@ -1522,7 +1522,7 @@ class Scenario:
     """A shorter wait for the drain than the options' (it bounds a scenario the service fails)."""
     clean_handovers: bool = False
     """Every member that gives up partitions does so cleanly (a rebalance, SIGTERM) with a healthy API, so it
-    finishes what it has in flight and commits it (README, Stopping): any duplicate is a failure."""
+    finishes what it has in flight and commits it (docs/semantics.md): any duplicate is a failure."""
 
 
 SCENARIOS: Final[Mapping[str, Scenario]] = {
