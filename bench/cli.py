@@ -98,7 +98,7 @@ async def run_phases(
         assert receiver is not None
         before = await receiver.spans()
         res = await bench.backlog(name, kind, count, latency_ms, traced_environment(receiver))
-        # Counted once the service stopped, which exports what it still holds (service/tracing.py).
+        # Counted once the service stopped, which exports what it still holds (service/ops/tracing/api.py).
         res.extra["spans_received"] = await receiver.spans() - before
         return res
 

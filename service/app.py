@@ -33,9 +33,9 @@ from service.kafka.deadletter import DeadLetterWriter
 from service.ops.health import HealthState, OpsServer
 from service.ops.metrics import Metrics
 from service.ops.redaction import Redactor
+from service.ops.tracing import Tracing, build_tracing
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router, build_codec, by_topic, registry_client
-from service.tracing import Tracing, build_tracing
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from service.http.classify import backoff_s
 from service.http.delivery import Delivery
 from service.kafka.deadletter import DeadLetterWriter
 from service.ops.instrumentation import Instrumentation
+from service.ops.tracing import Tracing, log_fields
 from service.streams import Router, Stream
-from service.tracing import Tracing, log_fields
 
 log = logging.getLogger(__name__)
 

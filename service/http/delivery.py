@@ -37,7 +37,7 @@ from service.http.client import HttpClient, HttpResponse, TransportFailure
 from service.http.limiter import ConcurrencyLimit, LimitSettings
 from service.http.timeouts import AttemptTimeout, TimeoutSettings
 from service.ops.instrumentation import Instrumentation
-from service.tracing import Tracing, log_fields
+from service.ops.tracing import Tracing, log_fields
 
 # The logger keeps its name from before the package split: log queries and alerts filter on it.
 log = logging.getLogger("service.delivery")

@@ -828,7 +828,7 @@ def test_tracing_sets_the_standard_otel_variables_and_the_sdk_reads_them(monkeyp
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, _get_from_env_or_default
 
-    from service.tracing import tracing_endpoint
+    from service.ops.tracing import tracing_endpoint
 
     docs = render(
         *TRACED,

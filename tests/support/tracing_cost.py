@@ -40,9 +40,9 @@ from service.kafka.deadletter import DeadLetterWriter
 from service.ops.metrics import Metrics
 from service.ops.redaction import Redactor
 from service.ops.runtime import event_loop_factory, tune_garbage_collector
+from service.ops.tracing import Tracing, build_tracing
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router, by_topic, schema_set
-from service.tracing import Tracing, build_tracing
 from tests.support.kafka_broker import free_port
 
 CONCURRENCY = 256

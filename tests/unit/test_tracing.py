@@ -49,10 +49,14 @@ from service.kafka.deadletter import DeadLetterWriter
 from service.ops.logging import JsonFormatter
 from service.ops.metrics import Metrics
 from service.ops.redaction import Redactor
-from service.otel import Encoder, LeanSpan, OtelTracing, producer_context, reference_encode
+from service.ops.tracing import Tracing, build_tracing, log_fields, tracing_endpoint
+from service.ops.tracing.encoder import Encoder, reference_encode
+from service.ops.tracing.propagation import producer_context
+from service.ops.tracing.sdk import queue_limits
+from service.ops.tracing.spans import LeanSpan
+from service.ops.tracing.tracer import OtelTracing
 from service.pipeline import Pipeline, publish_batch, publish_linked_batch
 from service.streams import Router
-from service.tracing import Tracing, build_tracing, log_fields, tracing_endpoint
 from tests.unit.test_pipeline import (
     HL,
     HL_KEY,
@@ -229,10 +233,11 @@ def test_the_endpoint_comes_from_the_standard_variables() -> None:
 def test_with_tracing_off_the_sdk_is_not_even_imported() -> None:
     code = (
         "import sys\n"
-        "from service.tracing import build_tracing\n"
+        "from service.ops.tracing import build_tracing\n"
         "import service.app, service.pipeline, service.http.delivery\n"
         "t = build_tracing(group_id='g', max_batch_rows=500, environ={})\n"
-        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk') or m == 'service.otel'))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'service.ops.tracing.'))\n"
+        "    and m != 'service.ops.tracing.api'))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -722,3 +727,20 @@ def test_spans_that_cannot_be_exported_are_counted_and_ending_spans_never_waits(
     started = time.perf_counter()
     asyncio.run(tracing.aclose())
     assert time.perf_counter() - started < 5, "a stop waits for the collector a bounded time"
+
+
+@pytest.mark.parametrize(
+    ("environ", "limits"),
+    [
+        pytest.param({}, (8192, 2048), id="this service's defaults"),
+        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "1000"}, (1000, 1000), id="a smaller queue takes a smaller batch"),
+        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "64", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "16"}, (64, 16), id="both"),
+        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}, (8192, 512), id="the SDK's batch"),
+        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "10000"}, (10000, 10000), id="a larger batch, a larger queue"),
+        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "many"}, (8192, 2048), id="not a number: the default"),
+    ],
+)
+def test_the_export_queue_and_batch_come_from_otel_bsp_variables_else_this_services_defaults(
+    environ: dict[str, str], limits: tuple[int, int]
+) -> None:
+    assert queue_limits(environ) == limits

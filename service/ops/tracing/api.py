@@ -6,8 +6,8 @@ it from the standard OTEL_* environment, as one of two things:
 - `Tracing` itself when no OTLP endpoint is set: every method does nothing and no span object is ever made. The
   pipeline gets `None` for a record's span and passes `None` on, so the hot path pays one method call per record
   and a few `is not None` tests; the SDK is not even imported.
-- `service.otel.OtelTracing` when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (and
-  OTEL_SDK_DISABLED is not true): the SDK's sampler, resource, BatchSpanProcessor and OTLP/HTTP exporter.
+- `service.ops.tracing.tracer.OtelTracing` when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is
+  set (and OTEL_SDK_DISABLED is not true): the SDK's sampler, resource, BatchSpanProcessor and OTLP/HTTP exporter.
 
 The spans are this service's own, not the contrib instrumentations': aiokafka's ends its receive spans before
 `getmany` returns and leaves nothing current for the per-record tasks, and aiohttp's takes its parent from the
@@ -41,7 +41,7 @@ from service.core.errors import RecordError
 from service.core.records import SourceRecord
 from service.core.requests import ApiRequest
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.tracing")  # its name before the move: log queries filter on it
 
 C = TypeVar("C")
 OnDropped = Callable[[int, str], None]
@@ -132,15 +132,17 @@ def build_tracing(
     The SDK reads the variables itself (it reads the process environment): OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT,
     _HEADERS, _TIMEOUT, _COMPRESSION and _CERTIFICATE; OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
     OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on); OTEL_BSP_* for the queue
-    (OTEL_BSP_MAX_QUEUE_SIZE, 2048 spans by default) and OTEL_SPAN_*_LIMIT. This function decides only whether
-    tracing is on, and sets defaults the SDK's do not suit: service.name `inference-bridge`, a 5 s export timeout,
-    and room for a link per row of the largest batch. The export protocol is always http/protobuf.
+    and its exports; OTEL_SPAN_*_LIMIT. This function decides only whether tracing is on, and sets defaults the
+    SDK's do not suit, each overridden by its standard variable: service.name `inference-bridge`, a 5 s export
+    timeout, a queue of 8,192 spans exported 2,048 at a time (OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE;
+    the SDK's 2,048 and 512 cost the event loop's core more per span, service/ops/tracing/sdk.py), and room for a
+    link per row of the largest batch. The export protocol is always http/protobuf.
     """
     env = os.environ if environ is None else environ
     endpoint = tracing_endpoint(env)
     if endpoint is None:
         return Tracing()
-    from service.otel import build  # the SDK and the exporter are imported only when tracing is on
+    from .sdk import build  # the SDK and the exporter are imported only when tracing is on
 
     for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
         protocol = env.get(name, "").strip()
