@@ -147,6 +147,8 @@ class Harness:
         self.client = mocked_httpx_client(wire)
         self.keys = {Destination.OPENLAYER: Key(OL_KEY), Destination.HUMANLOOP: Key(HL_KEY)}
         self.pauses: dict[Destination, list[float]] = {dest: [] for dest in Destination}
+        self.paused = {dest: asyncio.Event() for dest in Destination}
+        """Set once a destination's limit was paused (a Retry-After)."""
         self.breaker_changes: list[tuple[Destination, BreakerState, Fault | None]] = []
         signs = {
             Destination.OPENLAYER: lambda key: {"authorization": f"Bearer {key}"},
@@ -179,6 +181,7 @@ class Harness:
         def recording(moment: float) -> None:
             self.pauses[dest].append(moment - time.monotonic())
             pause_until(moment)
+            self.paused[dest].set()
 
         guard.limit.pause_until = recording  # type: ignore[method-assign]
 
@@ -343,13 +346,15 @@ async def test_retry_after_holds_the_whole_destination_but_not_the_other() -> No
     h = harness(status(429, {"retry-after": "3600"}), ok(), retry_after_cap_s=3600)
     first = asyncio.create_task(h.delivery.deliver(req(PUBLISH), WHERE.timestamp_ms))
     await h.wire.reached(1)
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(h.paused[Destination.OPENLAYER].wait(), 10)  # the 429 reached the destination's limit
 
     held = asyncio.create_task(h.delivery.deliver(req(UPDATE_ROW), WHERE.timestamp_ms))
     other = await h.deliver(req(UPDATE_LOG))
-    await asyncio.sleep(0.02)
 
     assert other == DeliveryReport(status=200, attempts=1)
+    # Paused for an hour: from here on nothing can reach Openlayer within this test, however the loop turns.
+    assert h.guards[Destination.OPENLAYER].limit.paused
+    assert h.pauses[Destination.OPENLAYER] == [pytest.approx(3600, abs=60)]
     assert not first.done()
     assert not held.done(), "a call to the paused destination went out during its Retry-After"
     assert [r.url.host for r in h.wire.requests] == ["openlayer.test", "humanloop.test"]

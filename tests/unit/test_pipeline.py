@@ -64,12 +64,18 @@ class FakeProducer:
         self.gate = gate
         """When set, every send waits for it: a slow dead-letter topic."""
         self.sending = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        """Set when a send waiting for the gate was cancelled."""
         self.acknowledged: list[DeadLetter] = []
 
     async def send(self, letter: DeadLetter) -> None:
         self.sending.set()
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
         if self.failures:
             self.failures -= 1
             raise TransientError("broker unreachable")
@@ -98,9 +104,11 @@ class Api:
         self.responses = list(responses) or [httpx.Response(200, json={"success": True})]
         self.handler = handler
         self.requests: list[httpx.Request] = []
+        self.called = asyncio.Event()
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        self.called.set()
         if self.handler is not None:
             return self.handler(request)
         step = self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]
@@ -517,7 +525,8 @@ async def test_a_row_cancelled_before_its_batch_is_refused_starts_no_dead_letter
 
     outcome = work.start(LENDER)
     outcome.cancel()  # a stop or revoke before the batch was answered: the record will be read again
-    await _batches_sent(b)
+    await _sent(b)
+    await _quiet()  # the batch was refused, and every callback of its rows ran
 
     assert b.producer.acknowledged == []
     assert not b.producer.sending.is_set()
@@ -531,15 +540,35 @@ async def test_cancelling_a_refused_row_cancels_its_dead_letter_write() -> None:
     await asyncio.wait_for(b.producer.sending.wait(), 5)  # the dead-letter write is under way
 
     outcome.cancel()
-    await asyncio.sleep(0)
+    await asyncio.wait_for(b.producer.cancelled.wait(), 5)  # the write was cancelled where it waited
     gate.set()
-    await asyncio.sleep(0.01)
+    await _quiet()
 
     assert b.producer.acknowledged == []  # the write did not outlive its record
-    assert b.pipeline._tasks == set()
 
 
-async def _batches_sent(b: Bench) -> None:
-    while not b.api.requests:  # noqa: ASYNC110  # the fake API has no event to await
-        await asyncio.sleep(0.001)
-    await asyncio.sleep(0.01)  # the answer reaches the batcher and the row's callbacks run
+async def _sent(b: Bench) -> None:
+    """Until the batch went out (its linger timer is no task to wait for)."""
+
+    await asyncio.wait_for(b.api.called.wait(), 10)
+
+
+async def _quiet() -> None:
+    """Until no task but this test's is left and the callbacks of the last ones ran: whatever the records started
+    has ended (a task still running, such as a dead-letter write outliving its record, fails the guard)."""
+
+    test = asyncio.current_task()
+
+    def others() -> set[asyncio.Task[Any]]:
+        return asyncio.all_tasks() - {test, asyncio.current_task()}
+
+    async def wait() -> None:
+        while True:
+            if running := others():
+                await asyncio.wait(running)
+            for _ in range(3):  # done callbacks, which may start new tasks
+                await asyncio.sleep(0)
+            if not others():
+                return
+
+    await asyncio.wait_for(wait(), 10)
