@@ -16,8 +16,6 @@ LAYERS: dict[str, int] = {
     "core": 0,
     "config": 1,
     "ops": 2,
-    "tracing": 2,  # service/tracing.py and service/otel.py, on their way to service/ops/tracing/
-    "otel": 2,
     "kafka": 3,
     "avro": 3,
     "http": 3,
