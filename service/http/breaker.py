@@ -98,6 +98,11 @@ class Breaker:
         """The reason it is open or probing; None while closed."""
         return self._why
 
+    @property
+    def resume_at(self) -> float:
+        """When the pause of the last opening ends, on the breaker's clock: then it admits probes."""
+        return self._resume_at
+
     def recent_success(self) -> bool:
         """Whether a call to this destination succeeded within the window (and it is not open now)."""
         self._advance()

@@ -159,7 +159,7 @@ async def test_only_a_probe_closes_it_a_late_success_does_not() -> None:
 async def test_all_probes_failing_reopen_it_for_longer() -> None:
     breaker, clock, changes = make()
     fail_many(breaker, 40)
-    first_resume = breaker._resume_at
+    first_resume = breaker.resume_at
     clock.now += SETTINGS.max_pause_s
     for _ in range(SETTINGS.probes):
         assert await admitted(breaker) is True
@@ -169,8 +169,8 @@ async def test_all_probes_failing_reopen_it_for_longer() -> None:
     breaker.failed(Fault.OUTAGE, probe=True)
 
     assert state(breaker) is BreakerState.OPEN
-    assert breaker._resume_at - clock.now > 0
-    assert breaker._resume_at > first_resume
+    assert breaker.resume_at - clock.now > 0
+    assert breaker.resume_at > first_resume
     assert changes == [(BreakerState.OPEN, Fault.OUTAGE)], "re-opening for the same reason is not a new change"
 
 
@@ -201,7 +201,7 @@ async def test_recent_success_is_what_a_403_is_judged_by() -> None:
 async def test_an_auth_pause_is_capped_so_a_new_key_is_tried_soon(fault: Fault) -> None:
     breaker, clock, _ = make(BreakerSettings(initial_pause_s=20.0, max_pause_s=60.0, auth_pause_cap_s=5.0))
     fail_many(breaker, 40, fault)
-    pause = breaker._resume_at - clock.now
+    pause = breaker.resume_at - clock.now
     if fault is Fault.AUTH:
         assert pause <= 5.0
     else:

@@ -91,6 +91,14 @@ class Encoder:
         self._resources: dict[int, tuple[Resource, bytes]] = {}
         self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
 
+    def cached_span_values(self, key: str) -> int | None:
+        """How many encoded values of the span attribute `key` are remembered; None once it stopped caching them."""
+        known = self._keys.get(0x4A, {}).get(key)
+        if known is None:
+            return 0
+        values: dict[Any, bytes] | None = known[1]
+        return None if values is None else len(values)
+
     def _attributes(self, tag: int, attributes: Mapping[str, Any] | None) -> bytes:
         """Repeated KeyValue{key (1), value (2)} fields numbered by `tag` ((number << 3) | 2)."""
         if not attributes:
