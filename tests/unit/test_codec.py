@@ -1,7 +1,7 @@
 """The codec: both wire formats for every event kind, evolution, strictness, lossless values, config mapping.
 
 The registry is a real `SchemaRegistry` over `httpx.MockTransport`, so these tests cover the codec's use of
-it without a server; the registry's own behaviour is in test_registry.py.
+it without a server; the registry's own behaviour is in tests/unit/avro/test_registry.py.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class Encoder:
     What repeats is encoded once and remembered: span names, and key-value pairs with str and int values (per key,
     at most `_PER_KEY` values, so unique values such as url.full churn only their own key's entries). Other values
     take the general path (a mapping as a value, which this service never sets, is written as its str).
-    tests/unit/test_tracing.py compares the output with the SDK's `encode_spans`.
+    tests/unit/ops/tracing/test_tracing.py compares the output with the SDK's `encode_spans`.
     """
 
     def __init__(self) -> None:

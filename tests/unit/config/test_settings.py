@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from service.config.settings import Settings, SettingsError, load_settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 OL_KEY = "ol-key-5d1f0c2a"
 HL_KEY = "hl-key-91b7e3aa"
