@@ -4,8 +4,9 @@ It knows nothing of Avro or HTTP: a record becomes `Work` through the injected `
 future `Work.start` returns completes when the record is durable. Per partition, records are prepared in offset order
 and same-key work runs in that order, while different keys overlap up to a bound. Commits are
 `offset+1` of the contiguous done prefix, on a timer, on revoke and at stop, and only for partitions
-this member still owns. A partition whose backlog is full is paused, so a stalled API never makes
-the process buffer the topic; the loop keeps polling, so the member stays in its group.
+this member still owns. A partition whose backlog is full is left out of the next polls, and one whose
+uncommitted span is full is paused, so a stalled API never makes the process buffer the topic; the loop
+keeps polling, so the member stays in its group.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from service.core.errors import FatalError
@@ -62,12 +63,18 @@ class PartitionWorker:
     A record holds an in-flight slot of its partition and one of the member's only while it runs:
     a record waiting behind an earlier one of its key holds none, and neither does one that parked
     itself (`park`, a "not yet" answer it waits out), so other keys use those slots meanwhile. All
-    of them still count in `backlog`, which pauses the partition when it is full, so memory stays
+    of them still count in `backlog`, which keeps the partition out of polls when full, so memory stays
     bounded however many records wait.
     """
 
     def __init__(
-        self, tp: TopicPartition, prepare: Prepare, max_in_flight: int, shared: Slots, failures: FailureSink
+        self,
+        tp: TopicPartition,
+        prepare: Prepare,
+        max_in_flight: int,
+        shared: Slots,
+        failures: FailureSink,
+        finished: asyncio.Event | None = None,
     ) -> None:
         self.tp = tp
         self.tracker = OffsetTracker()
@@ -86,6 +93,8 @@ class PartitionWorker:
         self._parked: set[int] = set()
         self._running: set[asyncio.Future[None]] = set()
         self._draining = False
+        # Set whenever one of its records finishes: the loop waits on it when every backlog is full.
+        self._room = finished if finished is not None else asyncio.Event()
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
 
     @property
@@ -173,6 +182,7 @@ class PartitionWorker:
         else:
             self._give()
         self._running.discard(outcome)
+        self._room.set()  # the loop may be waiting for any partition's backlog to shrink
         if key is not None:
             waiting = self._keys.get(key)
             if waiting:
@@ -261,6 +271,8 @@ class ConsumerLoop:
         self._history: dict[TopicPartition, int] = {}
         self._fatal: BaseException | None = None
         self._shared_slots = Slots(settings.max_in_flight_total)
+        self.room = asyncio.Event()
+        """Set whenever a record finishes: a partition left out of polls for a full backlog may take more."""
 
     def subscribe(self, topics: Sequence[str]) -> None:
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
@@ -286,9 +298,7 @@ class ConsumerLoop:
         try:
             while not stop.is_set() and self._fatal is None:
                 self.health.heartbeat()
-                batches = await self._consumer.getmany(
-                    timeout_ms=self._settings.poll_timeout_ms, max_records=self._settings.max_poll_records
-                )
+                batches = await self._poll()
                 for tp, records in batches.items():
                     if records:
                         self._worker(tp).push([to_source_record(r) for r in records])
@@ -317,10 +327,48 @@ class ConsumerLoop:
         worker = self._workers.get(tp)
         if worker is None:
             worker = PartitionWorker(
-                tp, self._prepare, self._settings.max_in_flight_per_partition, self._shared_slots, self
+                tp, self._prepare, self._settings.max_in_flight_per_partition, self._shared_slots, self, self.room
             )
             self._workers[tp] = worker
         return worker
+
+    async def _poll(self) -> Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]:
+        """Records from the partitions with room in their backlog.
+
+        A full partition is left out rather than paused: aiokafka drops a paused partition's fetched
+        records and fetches them again on resume, so pausing on every full backlog made the loop wait
+        for the broker instead of working (the inference drain in `make bench` sat at 70% CPU). Left
+        out, its records stay in the fetcher's buffer (one `max_partition_fetch_bytes` at most) until
+        its backlog shrinks.
+        """
+        limit = self._settings.max_buffered_per_partition
+        full = [tp for tp, worker in self._workers.items() if worker.backlog >= limit]
+        timeout_ms, most = self._settings.poll_timeout_ms, self._settings.max_poll_records
+        batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+        if not full:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=most)
+            return batches
+        room = [tp for tp in self._consumer.assignment() if tp not in full]
+        if room:
+            batches = await self._consumer.getmany(*room, timeout_ms=0, max_records=most)
+            if batches:
+                return batches
+        # Nothing to take now: wait until a fetch brings records for a partition with room, or a
+        # full partition gets room (its records are already fetched), whichever comes first.
+        self.room.clear()
+        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.room.wait())}
+        if room:
+            waits.add(asyncio.ensure_future(self._consumer.getmany(*room, timeout_ms=timeout_ms, max_records=most)))
+        done, pending = await asyncio.wait(waits, timeout=timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in pending:
+            waiting.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for finished in done:
+            result = finished.result()
+            if isinstance(result, dict):
+                return result
+        return {}
 
     def _prefix_moved(self) -> bool:
         """Whether some partition's done prefix moved `commit_after_records` past its last commit."""
@@ -332,15 +380,15 @@ class ConsumerLoop:
         return False
 
     def _apply_backpressure(self) -> None:
-        # Two bounds: records not done (memory for their values and tasks), and records a crash
-        # would repeat (a record stuck in retry holds the commit point while later ones finish).
-        limit = self._settings.max_buffered_per_partition
+        # Records not done are bounded in `_poll`. Here: records a crash would repeat (a record stuck in
+        # retry holds the commit point while later ones finish). That wait is long, so the partition is
+        # paused and its fetched records are dropped rather than held.
         span = self._settings.max_uncommitted_per_partition
         for tp, worker in self._workers.items():
-            if tp not in self._paused and (worker.backlog >= limit or worker.uncommitted >= span):
+            if tp not in self._paused and worker.uncommitted >= span:
                 self._consumer.pause(tp)
                 self._paused.add(tp)
-            elif tp in self._paused and worker.backlog <= limit // 2 and worker.uncommitted <= span // 2:
+            elif tp in self._paused and worker.uncommitted <= span // 2:
                 self._consumer.resume(tp)
                 self._paused.discard(tp)
 

@@ -40,7 +40,8 @@ class ManualClock:
 
 
 class FakeConsumer:
-    """Serves queued batches of owned, unpaused partitions from getmany; records every commit, pause and resume.
+    """Serves queued batches of owned, unpaused partitions from getmany; records every commit, pause and resume,
+    and which partitions each poll asked for (`asked`: None for all of them).
 
     `changed` is set on every call the loop makes, so a test waits for a state with `until` rather than sleeping.
     Revokes and assignments go through the listener the loop subscribed with, as aiokafka calls it: a revoked
@@ -58,6 +59,7 @@ class FakeConsumer:
         self.listener: Any = None
         self.unsubscribed = False
         self.polls = 0
+        self.asked: list[frozenset[TopicPartition] | None] = []
         self._revoking: set[TopicPartition] = set()
         self._changed = asyncio.Event()
 
@@ -75,12 +77,15 @@ class FakeConsumer:
         self._changed.set()
 
     async def until(self, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-        """Until `condition` holds, checked after each call the loop makes (it polls continuously)."""
+        """Until `condition` holds, checked after each call the loop makes (and every few ms)."""
 
         async def wait() -> None:
             while not condition():
                 self._changed.clear()
-                await self._changed.wait()
+                # Also looked at again every few ms: a loop whose partitions are all full makes no call while
+                # it waits for room, yet its records keep starting and finishing.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.005)
 
         await asyncio.wait_for(wait(), timeout_s)
 
@@ -98,13 +103,20 @@ class FakeConsumer:
         self.unsubscribed = True
         self._touch()
 
-    async def getmany(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, list[Any]]:
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int
+    ) -> Mapping[TopicPartition, list[Any]]:
         self.polls += 1
+        self.asked.append(frozenset(partitions) if partitions else None)
         self._touch()
         batches = {
             tp: queue.popleft()
             for tp, queue in self.queued.items()
-            if queue and tp in self.owned and tp not in self.paused and tp not in self._revoking
+            if queue
+            and tp in self.owned
+            and tp not in self.paused
+            and tp not in self._revoking
+            and (not partitions or tp in partitions)
         }
         # As aiokafka, an empty poll waits a little (here 1 ms rather than timeout_ms) and a full one does not.
         await asyncio.sleep(0 if batches else 0.001)
@@ -424,24 +436,23 @@ async def test_a_fatal_outcome_stops_the_loop_unhealthy_and_nothing_past_it_is_c
 # --- back pressure ---------------------------------------------------------------------------------------------------
 
 
-async def test_a_full_backlog_pauses_the_partition_and_only_half_of_it_resumes_it(benches: Benches) -> None:
+async def test_a_full_backlog_keeps_the_partition_out_of_polls_unpaused_until_a_record_finishes(
+    benches: Benches,
+) -> None:
     consumer, outcomes = FakeConsumer(), Outcomes(held=[(TP, o) for o in range(100)])
     consumer.feed(TP, 0, 100)
     consumer.feed(TP, 100, 50)
     bench = benches(consumer, outcomes, max_buffered_per_partition=100)
-    await consumer.until(lambda: TP in consumer.paused)
-    assert consumer.queued_batches() == 1, "paused as it fetched the first batch: the second is not fetched"
+    await consumer.until(lambda: outcomes.started() == 100)
+    # Not paused: aiokafka would drop a paused partition's fetched records and fetch them again.
+    assert not consumer.paused
+    assert consumer.queued_batches() == 1
 
-    outcomes.settle(TP, range(49))  # 51 not done: more than half
-    await consumer.turns()
-    assert TP in consumer.paused
-    assert consumer.queued_batches() == 1, "not resumed in between"
-
-    outcomes.settle(TP, [49])  # 50 not done: half
-    await consumer.until(lambda: TP not in consumer.paused)
+    outcomes.settle(TP, [0])  # 99 not done: room for more
     await consumer.until(lambda: outcomes.started() == 150)
+    assert not consumer.paused
     await bench.stopped()
-    assert consumer.commits[-1] == {TP: 50}
+    assert consumer.commits[-1] == {TP: 1}
 
 
 async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bound_not_the_buffered_one(
@@ -470,7 +481,7 @@ async def test_done_records_behind_a_stuck_one_count_against_the_uncommitted_bou
     assert consumer.commits[-1] == {TP: 400}
 
 
-async def test_a_paused_partition_does_not_hold_back_the_others(benches: Benches) -> None:
+async def test_a_full_partition_is_left_out_of_polls_and_does_not_hold_back_the_others(benches: Benches) -> None:
     consumer, outcomes = FakeConsumer(TP, TP1), Outcomes(held=[(TP, o) for o in range(15)])
     consumer.feed(TP, 0, 15)
     consumer.feed(TP, 15, 15)
@@ -479,9 +490,13 @@ async def test_a_paused_partition_does_not_hold_back_the_others(benches: Benches
     bench = benches(consumer, outcomes, max_buffered_per_partition=15)
 
     await consumer.until(lambda: outcomes.started(TP1) == 20)
-    assert consumer.paused == {TP}
+    assert frozenset({TP1}) in consumer.asked, "the full partition was left out of a poll"
+    assert not consumer.paused
+    assert consumer.queued_batches(TP) == 1
     await bench.tick(60.0)
     assert consumer.commits == [{TP1: 20}]
+    outcomes.settle(TP, range(15))
+    await consumer.until(lambda: outcomes.started(TP) == 30)
     await bench.stopped()
 
 
@@ -546,21 +561,23 @@ async def test_a_partition_assigned_again_after_a_revoke_is_consumed_and_committ
     assert consumer.commits == [{TP: 4}, {TP: 6}]
 
 
-async def test_a_partition_revoked_while_paused_is_paused_again_when_it_fills_up_after_it_comes_back(
+async def test_a_partition_revoked_while_full_is_held_at_its_bound_again_after_it_comes_back(
     benches: Benches,
 ) -> None:
     consumer, outcomes = FakeConsumer(), Outcomes(held=[(TP, o) for o in range(20)])
     consumer.feed(TP, 0, 10)
     bench = benches(consumer, outcomes, max_buffered_per_partition=10)
-    await consumer.until(lambda: TP in consumer.paused)
+    await consumer.until(lambda: outcomes.started() == 10)
     await consumer.revoke(TP)
 
     await consumer.assign(TP)
     consumer.feed(TP, 0, 10)
     consumer.feed(TP, 10, 10)
 
-    await consumer.until(lambda: TP in consumer.paused)
-    assert consumer.queued_batches() == 1
+    await consumer.until(lambda: outcomes.future(TP, 9) is not None and not outcomes.future(TP, 9).cancelled())
+    assert consumer.queued_batches() == 1, "full again at its bound: the second batch stays fetched"
+    outcomes.settle(TP, [0])
+    await consumer.until(lambda: outcomes.started() == 20)
     await bench.stopped()
 
 
