@@ -26,8 +26,16 @@ import h2.connection
 import h2.events
 import pytest
 
-from service.http.client import HttpClient, HttpClientKind, TransportFailure, build_http_client
-from service.http.reqwest import RUNTIME_BLOCKING_THREADS, RUNTIME_WORKER_THREADS
+from service.http.client import (
+    AiohttpClient,
+    HttpClient,
+    HttpClientKind,
+    HttpxClient,
+    LastTimeout,
+    TransportFailure,
+    build_http_client,
+)
+from service.http.reqwest import RUNTIME_BLOCKING_THREADS, RUNTIME_WORKER_THREADS, PyreqwestClient
 from service.ops.runtime import event_loop_factory
 from tests.support.tls import TlsFiles, generate_tls
 
@@ -568,3 +576,84 @@ def _runtime_threads() -> int:
     """The process's threads that Tokio started (named "pyreqwest..."); Python's `threading` does not see them."""
     names = (Path(f"/proc/self/task/{tid}/comm").read_text() for tid in os.listdir("/proc/self/task"))
     return sum(1 for name in names if name.startswith("pyreqwest"))
+
+
+# --- the attempt timeout and the factory -----------------------------------------------------------------------------
+
+
+def patient(kind: HttpClientKind) -> HttpClient:
+    """A client whose configured timeouts (30 s to read, 61 s in all) outlast every guard in these tests."""
+    return build_http_client(kind, connect_timeout_s=1.0, read_timeout_s=30.0, max_connections=4)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_the_attempt_timeout_cuts_a_call_the_configured_timeouts_would_let_run(kind: HttpClientKind) -> None:
+    async def scenario() -> None:
+        async with Wire() as wire:
+            http = patient(kind)
+            try:
+                with pytest.raises(TransportFailure) as caught:
+                    # The guard is a sixth of the read timeout: only the attempt timeout can end the call before it.
+                    await asyncio.wait_for(http.send("PUT", f"{wire.url}/stall", (), HEADERS, b"{}", 0.2), 5)
+                assert caught.value.kind == "timeout"
+            finally:
+                await http.aclose()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_a_call_without_an_attempt_timeout_has_the_configured_ones_again(kind: HttpClientKind) -> None:
+    async def scenario() -> None:
+        async with Wire() as wire:
+            http = patient(kind)
+            try:
+                with pytest.raises(TransportFailure):
+                    await http.send("PUT", f"{wire.url}/late", (), HEADERS, b"{}", 0.1)
+                # The same late answer, without an attempt timeout: the 30 s read timeout, not the 0.1 s of before.
+                response = await asyncio.wait_for(http.send("PUT", f"{wire.url}/late", (), HEADERS, b"{}"), 5)
+                assert response.status == 200
+            finally:
+                await http.aclose()
+
+    run(scenario)
+
+
+def test_last_timeout_builds_once_per_new_value_and_gives_the_default_for_none() -> None:
+    built: list[float] = []
+
+    def build(seconds: float) -> str:
+        built.append(seconds)
+        return f"{seconds}s"
+
+    timeouts = LastTimeout(build, "configured")
+
+    assert [timeouts.get(s) for s in (None, 1.5, 1.5, None, 1.5, 2.0, 1.5)] == [
+        "configured",
+        "1.5s",
+        "1.5s",
+        "configured",
+        "1.5s",
+        "2.0s",
+        "1.5s",
+    ]
+    assert built == [1.5, 2.0, 1.5], "one entry: the last value asked"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"), [("aiohttp", AiohttpClient), ("httpx", HttpxClient), ("pyreqwest", PyreqwestClient)]
+)
+def test_the_factory_builds_the_client_named(kind: HttpClientKind, expected: type[Any]) -> None:
+    async def scenario() -> None:
+        http = patient(kind)
+        try:
+            assert type(http) is expected
+        finally:
+            await http.aclose()
+
+    run(scenario)
+
+
+def test_the_factory_refuses_an_unknown_client() -> None:
+    with pytest.raises(ValueError, match="unknown HTTP client 'curl'"):
+        build_http_client("curl", connect_timeout_s=1.0, read_timeout_s=1.0, max_connections=1)  # type: ignore[arg-type]
