@@ -41,12 +41,25 @@ def _varint(n: int) -> bytes:
         return bytes((n,))
     if n < 0x4000:
         return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _int_key_value(tag: int, known: list[Any], value: int) -> bytes:
+    """A KeyValue{key (1), value (2): AnyValue{int_value (3)}} field numbered by `tag`: all but the value's varint is
+    the same for every value whose varint has the same length, and is remembered in `known[3]` by that length."""
+    varint = _varint(value & 0xFFFFFFFFFFFFFFFF)
+    prefix: bytes = known[3][len(varint)]
+    if not prefix:
+        body = known[0] + bytes((0x12, len(varint) + 1, 0x18))
+        prefix = known[3][len(varint)] = bytes((tag,)) + _varint(len(body) + len(varint)) + body
+    return prefix + varint
 
 
 def _field(tag: int, payload: bytes) -> bytes:
@@ -110,7 +123,9 @@ class Encoder:
         for key, value in attributes.items():
             known = keys.get(key)
             if known is None:
-                known = keys[key] = [_field(0x0A, key.encode("utf-8", "replace")), {}, 0]
+                # [encoded key, encoded key-values by value (None: not cached), times that cache filled up,
+                #  the encoding of an int key-value up to its varint, by the varint's length]
+                known = keys[key] = [_field(0x0A, key.encode("utf-8", "replace")), {}, 0, [b""] * 11]
             kind = type(value)
             # bool is an int subclass, not int: it takes the general path.
             if kind is str or kind is int:
@@ -121,11 +136,10 @@ class Encoder:
                         encoded = self._remember(tag, known, value)
                     out.append(encoded)
                     continue
-                # Not cached (an offset, a URL): AnyValue{int_value (3)} or {string_value (1)}, without `_any`'s tests.
-                if kind is int:
-                    any_value = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
-                else:
-                    any_value = _field(0x0A, value.encode("utf-8", "replace"))
+                if kind is int:  # not cached (an offset): AnyValue{int_value (3)}, without `_any`'s tests
+                    out.append(_int_key_value(tag, known, value))
+                    continue
+                any_value = _field(0x0A, value.encode("utf-8", "replace"))  # not cached (a URL): AnyValue{string (1)}
             elif kind is FullUrl:  # a call's URL, written out here
                 any_value = _field(0x0A, str(value).encode("utf-8", "replace"))
             else:
@@ -172,15 +186,25 @@ class Encoder:
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         groups: dict[tuple[int, int], tuple[ReadableSpan, list[bytes]]] = {}
         span_field, lean_field = self._span_field, self._lean_span_field
+        owner: object = None
+        owned: list[bytes] = []  # the group of the last LeanSpan's owner: a batch has one, as a rule
         for span in spans:
             if type(span) is LeanSpan:
-                where = (id(span._owner), 0)
+                if span._owner is owner:
+                    owned.append(lean_field(span))
+                    continue
+                owner = span._owner
+                where = (id(owner), 0)
             else:
                 where = (id(span.resource), id(span.instrumentation_scope))
             group = groups.get(where)
             if group is None:
                 group = groups[where] = (span, [])
-            group[1].append(lean_field(span) if type(span) is LeanSpan else span_field(span))
+            if type(span) is LeanSpan:
+                owned = group[1]
+                owned.append(lean_field(span))
+            else:
+                group[1].append(span_field(span))
         by_resource: dict[int, tuple[Resource, list[bytes]]] = {}
         for first, encoded in groups.values():
             scope = first.instrumentation_scope

@@ -694,6 +694,14 @@ def test_the_encoder_stops_caching_values_that_never_repeat() -> None:
     assert encoder.encode(spans) == reference_encode(spans)
     assert encoder.cached_span_values("messaging.kafka.offset") is None, "offsets are unique: their cache was dropped"
     assert encoder.cached_span_values("bridge.outcome") == 1
+    # Once not cached, ints of every varint length (1 to 10 bytes) are still written as the SDK writes them.
+    large = [2**7 - 1, 2**7, 2**14 - 1, 2**14, 2**21 - 1, 2**21, 2**28, 2**35, 2**49, 2**63 - 1]
+    for offset in large:
+        span = tracing.start_record(source(offset=offset))
+        tracing.delivered(span)
+        span.end()
+    spans = list(memory.get_finished_spans())[-len(large) :]
+    assert encoder.encode(spans) == reference_encode(spans)
 
 
 # --- a collector that is down -----------------------------------------------------------------------------------------
