@@ -134,7 +134,7 @@ def build_tracing(
     OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on); OTEL_BSP_* for the queue
     and its exports; OTEL_SPAN_*_LIMIT. This function decides only whether tracing is on, and sets defaults the
     SDK's do not suit, each overridden by its standard variable: service.name `inference-bridge`, a 5 s export
-    timeout, a queue of 8,192 spans exported 2,048 at a time (OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE;
+    timeout, a queue of 16,384 spans exported 4,096 at a time (OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE;
     the SDK's 2,048 and 512 cost the event loop's core more per span, service/ops/tracing/sdk.py), and room for a
     link per row of the largest batch. The export protocol is always http/protobuf.
     """

@@ -739,12 +739,12 @@ def test_spans_that_cannot_be_exported_are_counted_and_ending_spans_never_waits(
 @pytest.mark.parametrize(
     ("environ", "limits"),
     [
-        pytest.param({}, (8192, 2048), id="this service's defaults"),
+        pytest.param({}, (16384, 4096), id="this service's defaults"),
         pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "1000"}, (1000, 1000), id="a smaller queue takes a smaller batch"),
         pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "64", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "16"}, (64, 16), id="both"),
-        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}, (8192, 512), id="the SDK's batch"),
-        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "10000"}, (10000, 10000), id="a larger batch, a larger queue"),
-        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "many"}, (8192, 2048), id="not a number: the default"),
+        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}, (16384, 512), id="the SDK's batch"),
+        pytest.param({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "20000"}, (20000, 20000), id="a larger batch, a larger queue"),
+        pytest.param({"OTEL_BSP_MAX_QUEUE_SIZE": "many"}, (16384, 4096), id="not a number: the default"),
     ],
 )
 def test_the_export_queue_and_batch_come_from_otel_bsp_variables_else_this_services_defaults(
