@@ -97,8 +97,9 @@ class Encoder:
     """
 
     def __init__(self) -> None:
-        # tag -> key -> [encoded key, encoded key-values by value (None: not cached), times that cache filled up]
+        # tag -> key -> [encoded key, its values encoded by value (None: not cached), ...] (see `_pair`)
         self._keys: dict[int, dict[str, list[Any]]] = {}
+        self._span_keys: dict[str, list[Any]] = self._keys.setdefault(0x4A, {})  # Span.attributes (9)
         self._names: dict[str, bytes] = {}
         self._shared: dict[int, tuple[Mapping[str, Any], str, SpanKind, bytes, bytes]] = {}
         self._resources: dict[int, tuple[Resource, bytes]] = {}
@@ -119,33 +120,31 @@ class Encoder:
         keys = self._keys.get(tag)
         if keys is None:
             keys = self._keys[tag] = {}
-        out = []
-        for key, value in attributes.items():
-            known = keys.get(key)
-            if known is None:
-                # [encoded key, encoded key-values by value (None: not cached), times that cache filled up,
-                #  the encoding of an int key-value up to its varint, by the varint's length]
-                known = keys[key] = [_field(0x0A, key.encode("utf-8", "replace")), {}, 0, [b""] * 11]
-            kind = type(value)
-            # bool is an int subclass, not int: it takes the general path.
-            if kind is str or kind is int:
-                values = known[1]
-                if values is not None:
-                    encoded = values.get(value)
-                    if encoded is None:
-                        encoded = self._remember(tag, known, value)
-                    out.append(encoded)
-                    continue
-                if kind is int:  # not cached (an offset): AnyValue{int_value (3)}, without `_any`'s tests
-                    out.append(_int_key_value(tag, known, value))
-                    continue
-                any_value = _field(0x0A, value.encode("utf-8", "replace"))  # not cached (a URL): AnyValue{string (1)}
-            elif kind is FullUrl:  # a call's URL, written out here
-                any_value = _field(0x0A, str(value).encode("utf-8", "replace"))
-            else:
-                any_value = _any(value)
-            out.append(_field(tag, known[0] + _field(0x12, any_value)))
-        return b"".join(out)
+        pair = self._pair
+        return b"".join([pair(keys, tag, key, value) for key, value in attributes.items()])
+
+    def _pair(self, keys: dict[str, list[Any]], tag: int, key: str, value: Any) -> bytes:
+        """One KeyValue field numbered by `tag`; `keys` is that tag's cache."""
+        known = keys.get(key)
+        if known is None:
+            # [encoded key, encoded key-values by value (None: not cached), times that cache filled up,
+            #  the encoding of an int key-value up to its varint, by the varint's length]
+            known = keys[key] = [_field(0x0A, key.encode("utf-8", "replace")), {}, 0, [b""] * 11]
+        kind = type(value)
+        # bool is an int subclass, not int: it takes the general path.
+        if kind is str or kind is int:
+            values = known[1]
+            if values is not None:
+                encoded: bytes | None = values.get(value)
+                return encoded if encoded is not None else self._remember(tag, known, value)
+            if kind is int:  # not cached (an offset): AnyValue{int_value (3)}, without `_any`'s tests
+                return _int_key_value(tag, known, value)
+            any_value = _field(0x0A, value.encode("utf-8", "replace"))  # not cached (a URL): AnyValue{string (1)}
+        elif kind is FullUrl:  # a call's URL, written out here
+            any_value = _field(0x0A, str(value).encode("utf-8", "replace"))
+        else:
+            any_value = _any(value)
+        return _field(tag, known[0] + _field(0x12, any_value))
 
     @staticmethod
     def _remember(tag: int, known: list[Any], value: str | int) -> bytes:
@@ -271,12 +270,22 @@ class Encoder:
                 shared[3],
                 _TIMES.pack(0x39, span._start_time, 0x41, span._end_time or 0),
                 shared[4],
-                self._attributes(0x4A, span._values),
+                self._own_attributes(span),
                 tail,
             )
         )
         n = len(body)
         return (bytes((0x12, n)) if n < 0x80 else b"\x12" + _varint(n)) + body
+
+    def _own_attributes(self, span: LeanSpan) -> bytes:
+        """attributes (9) of the span's own, in LeanSpan.attributes' order: `key`, `key2` once set, the others."""
+        keys = self._span_keys
+        encoded = self._pair(keys, 0x4A, span._key, span._value)
+        if span._value2 is not None:
+            encoded += self._pair(keys, 0x4A, span._key2, span._value2)
+        if span._values:
+            encoded += self._attributes(0x4A, span._values)
+        return encoded
 
     def _share(self, span: LeanSpan) -> tuple[Mapping[str, Any], str, SpanKind, bytes, bytes]:
         """(base, name, kind, name and kind encoded, base encoded) for spans with `span`'s base, name and kind."""

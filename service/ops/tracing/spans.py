@@ -42,7 +42,10 @@ class LeanSpan(trace_api.Span, ReadableSpan):
     """A sampled span: a few attribute assignments to make, and one processor call to end.
 
     Its attributes are `base`, shared by every span of its kind and place (a partition's record spans, an
-    endpoint's calls) and never changed, then its own `values`; the encoder encodes each `base` once. Its ids are
+    endpoint's calls) and never changed, then its own: the one every span of its kind has (`key`: a record's offset,
+    a call's URL), the one its end sets (`key2`: a record's outcome, a call's status; absent while None), then any
+    others (`values`, None for none), so that a span is one object, not one and a dict: on this service's core what
+    a record's tracing costs goes with the objects it touches. The encoder encodes each `base` once. Its ids are
     plain ints: the API's SpanContext (and the parent's) is made only when asked for (a log line, the SDK's own
     encoder), not for every span.
     """
@@ -54,6 +57,8 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         "_ctx",
         "_end_time",
         "_flags",
+        "_key",
+        "_key2",
         "_kind",
         "_name",
         "_owner",
@@ -64,6 +69,8 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         "_start_time",
         "_state",
         "_trace_id",
+        "_value",
+        "_value2",
         "_values",
     )
     _events: Sequence[Any] = ()
@@ -77,7 +84,10 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         name: str,
         kind: SpanKind,
         base: Mapping[str, AnyValue],
-        values: dict[str, Any],
+        key: str,
+        value: Any,
+        key2: str,
+        values: dict[str, Any] | None,
         trace_id: int,
         span_id: int,
         flags: int,
@@ -91,7 +101,11 @@ class LeanSpan(trace_api.Span, ReadableSpan):
         self._name = name
         self._kind = kind
         self._base = base
-        self._values: dict[str, Any] = values
+        self._key = key
+        self._value = value
+        self._key2 = key2
+        self._value2: Any = None
+        self._values = values
         self._trace_id = trace_id
         self._span_id = span_id
         self._flags = flags
@@ -135,17 +149,31 @@ class LeanSpan(trace_api.Span, ReadableSpan):
 
     @property
     def attributes(self) -> Mapping[str, AnyValue]:
-        values = {k: str(v) if type(v) is FullUrl else v for k, v in self._values.items()}
-        return MappingProxyType({**self._base, **values})
+        """In the order the encoder writes them: base, `key`, `key2` (once set), the others."""
+        found = dict(self._base)
+        found[self._key] = str(self._value) if type(self._value) is FullUrl else self._value
+        if self._value2 is not None:
+            found[self._key2] = self._value2
+        if self._values:
+            found.update(self._values)
+        return MappingProxyType(found)
 
     def is_recording(self) -> bool:
         return self._end_time is None
 
     def set_attribute(self, key: str, value: AnyValue) -> None:
-        self._values[key] = value
+        if key == self._key:
+            self._value = value
+        elif key == self._key2:
+            self._value2 = value
+        elif self._values is None:
+            self._values = {key: value}
+        else:
+            self._values[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AnyValue]) -> None:
-        self._values.update(attributes)
+        for key, value in attributes.items():
+            self.set_attribute(key, value)
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
         if isinstance(status, StatusCode):

@@ -105,20 +105,24 @@ class OtelTracing(Tracing):
         parent: Parent | None,
         kind: SpanKind,
         base: Mapping[str, AnyValue],
-        values: dict[str, AnyValue],
+        own: tuple[str, AnyValue, str],
+        values: dict[str, AnyValue] | None,
         start_time: int | None = None,
         links: Sequence[Link] = (),
     ) -> trace_api.Span:
         """A span whose sampling the sampler decides (no local parent): a record's (maybe a remote parent's child)
-        or a batch's. Unsampled, it is only its context (for the traceparent and the logs)."""
+        or a batch's; `own` is its `key`, its value and its `key2` (see LeanSpan). Unsampled, it is only its
+        context (for the traceparent and the logs)."""
         trace_state: TraceState | None
+        added: Mapping[str, AnyValue] | None = None
         if parent is None:
             random_id, parent_id, parent_flags = 2, 0, 0
             if self._samples_roots:
                 trace_id, sampled, trace_state = self._random.getrandbits(128) or 1, True, None
             else:
                 trace_id = self._random.getrandbits(128) or 1
-                sampled, trace_state = self._ask_sampler(_ROOT, trace_id, name, kind, base, values, links)
+                attributes = {**base, own[0]: own[1], **(values or {})}
+                sampled, trace_state, added = self._ask_sampler(_ROOT, trace_id, name, kind, attributes, links)
         else:
             trace_id, parent_id, parent_flags, trace_state = parent
             random_id = parent_flags & 2
@@ -129,7 +133,8 @@ class OtelTracing(Tracing):
             else:
                 remote = SpanContext(trace_id, parent_id, True, TraceFlags(parent_flags), trace_state)
                 parent_context = set_span_in_context(NonRecordingSpan(remote), _ROOT)
-                sampled, trace_state = self._ask_sampler(parent_context, trace_id, name, kind, base, values, links)
+                attributes = {**base, own[0]: own[1], **(values or {})}
+                sampled, trace_state, added = self._ask_sampler(parent_context, trace_id, name, kind, attributes, links)
         span_id = self._random.getrandbits(64) or 1
         flags = random_id | sampled
         if not sampled:
@@ -139,6 +144,9 @@ class OtelTracing(Tracing):
             name,
             kind,
             base,
+            own[0],
+            own[1],
+            own[2],
             values,
             trace_id,
             span_id,
@@ -151,6 +159,8 @@ class OtelTracing(Tracing):
         )
         if links:
             span._links = links
+        if added:
+            span.set_attributes(added)
         return span
 
     def _ask_sampler(
@@ -159,17 +169,16 @@ class OtelTracing(Tracing):
         trace_id: int,
         name: str,
         kind: SpanKind,
-        base: Mapping[str, AnyValue],
-        values: dict[str, AnyValue],
+        attributes: dict[str, AnyValue],
         links: Sequence[Link],
-    ) -> tuple[bool, TraceState | None]:
-        """(sampled, trace state) from the configured sampler; the attributes it adds join the span's `values`."""
-        attributes = {**base, **values}
+    ) -> tuple[bool, TraceState | None, Mapping[str, AnyValue] | None]:
+        """(sampled, trace state, the attributes it adds) from the configured sampler."""
         result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes, links)
         sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        added = None
         if sampled and result.attributes:
-            values.update({k: v for k, v in result.attributes.items() if attributes.get(k) != v})
-        return sampled, result.trace_state
+            added = {k: v for k, v in result.attributes.items() if attributes.get(k) != v}
+        return sampled, result.trace_state, added
 
     # --- the Kafka side ---------------------------------------------------------------------------------------
 
@@ -197,13 +206,14 @@ class OtelTracing(Tracing):
             producer_parent(record.headers) if record.headers else None,
             SpanKind.CONSUMER,
             constant,
-            {"messaging.kafka.offset": record.offset},
+            ("messaging.kafka.offset", record.offset, "bridge.outcome"),
+            None,
             self._fetches.fetched_at(record),
         )
 
     def delivered(self, span: trace_api.Span) -> None:
         if type(span) is LeanSpan:
-            span._values["bridge.outcome"] = "delivered"
+            span._value2 = "delivered"  # its key2
 
     def dead_lettered(self, span: trace_api.Span, error: RecordError) -> None:
         span.set_attributes(
@@ -251,7 +261,8 @@ class OtelTracing(Tracing):
             None,
             SpanKind.INTERNAL,
             _BATCH,
-            {"messaging.batch.message_count": len(rows), "bridge.pipeline_id": pipeline_id},
+            ("messaging.batch.message_count", len(rows), "bridge.outcome"),
+            {"bridge.pipeline_id": pipeline_id},
             links=links,
         )
 
@@ -278,16 +289,16 @@ class OtelTracing(Tracing):
         known = self._calls.get(request.endpoint)
         if known is None or not url.startswith(known[0]):
             known = self._calls[request.endpoint] = _call_kind(request)
-        # Written out by the exporter's thread, with the batch (see `FullUrl`).
-        values: dict[str, Any] = {"url.full": FullUrl(url, request.params) if request.params else url}
-        if attempt > 1:
-            values["http.request.resend_count"] = attempt - 1
         return LeanSpan(
             self._owner,
             known[1],
             SpanKind.CLIENT,
             known[2],
-            values,
+            "url.full",
+            # Written out by the exporter's thread, with the batch (see `FullUrl`).
+            FullUrl(url, request.params) if request.params else url,
+            "http.response.status_code",
+            {"http.request.resend_count": attempt - 1} if attempt > 1 else None,
             parent._trace_id,
             self._random.getrandbits(64) or 1,
             parent._flags,
@@ -313,11 +324,11 @@ class OtelTracing(Tracing):
         if type(call) is not LeanSpan:
             return  # not sampled: nothing to record
         if status is not None:
-            call._values["http.response.status_code"] = status
+            call._value2 = status  # its key2
             if status >= 400:
                 error = str(status)
         if error is not None:
-            call._values["error.type"] = error
+            call.set_attribute("error.type", error)
             call._status = ERROR
         if call._end_time is None:
             call._end_time = time.time_ns()
