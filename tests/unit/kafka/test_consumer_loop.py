@@ -526,6 +526,26 @@ async def test_a_revoke_commits_the_revoked_partitions_prefix_cancels_the_rest_a
     assert bench.loop.committed == {TP: 2, TP1: 5}
 
 
+async def test_records_of_a_revoked_partition_that_had_not_started_never_start(benches: Benches) -> None:
+    consumer, outcomes = FakeConsumer(TP), Outcomes(held=[(TP, 0)])
+    consumer.feed(TP, 0, 3)
+    bench = benches(consumer, outcomes, max_in_flight_per_partition=1, drain_timeout_s=10.0)  # 1, 2 wait for a slot
+    await consumer.until(lambda: outcomes.started(TP) == 1)
+
+    revoking = asyncio.create_task(consumer.revoke(TP))
+    await consumer.turns()
+    outcomes.settle(TP, [0])  # during the drain: its slot is free, but 2 (still queued) belongs to the next owner
+    await asyncio.wait_for(revoking, 10)
+
+    # The revoke returned after stopping the partition's worker: nothing of it is left to start 2. (1, which the
+    # worker had already prepared and was waiting for 0's slot, may take it within the drain.)
+    assert (TP, 2) not in outcomes.futures
+    assert consumer.commits == [{TP: outcomes.started(TP)}], "what ran is committed, nothing more"
+    await bench.stopped()
+    assert (TP, 2) not in outcomes.futures
+    assert len(consumer.commits) == 1
+
+
 async def test_a_record_finishing_within_the_revoke_drain_is_committed(benches: Benches) -> None:
     consumer, outcomes = FakeConsumer(TP, TP1), Outcomes(held=[(TP, 2)])
     consumer.feed(TP, 0, 4)
