@@ -45,7 +45,9 @@ class DeliverySettings(Section):
         default=4096, ge=1, description="records started and not yet done across all partitions of this member"
     )
     max_buffered_per_partition: int = Field(
-        default=2000, ge=1, description="records taken from Kafka and not yet done; at it the partition is left out of polls"
+        default=2000,
+        ge=1,
+        description="records taken from Kafka and not yet done; at it the partition is left out of polls",
     )
     max_uncommitted_per_partition: int = Field(
         default=50_000,
