@@ -8,14 +8,17 @@ from .harness import OTHER_CPU, PHASES, SERVICE_CPU, Bench
 from .refs import RAW_CLIENT_KEYS, Rate
 
 TARGETS: tuple[tuple[str, str], ...] = (
-    ("inference_ratio >= 0.30", "inference_ratio"),
-    ("update_ratio >= 0.30", "update_ratio"),
+    ("inferences: service CPU >= 0.90 of its core", "inference_cpu"),
+    ("inference_ratio >= 0.45 (rows / decode-only, wall)", "inference_ratio"),
+    ("row_updates >= 1.5 x raw aiohttp (wall)", "update_ratio"),
+    ("row_updates >= 0.7 x the service client's raw loop", "updates_vs_raw_client"),
     ("row_updates_per_s >= 5 x raw_httpx_per_s", "updates_vs_httpx"),
-    ("row_updates_per_s_50ms >= 0.8 x row_updates_per_s", "latency_hiding"),
+    ("row_updates_per_s_50ms >= 0.9 x row_updates_per_s", "latency_hiding"),
     ("p99_ms <= 250 at half load", "p99_ms"),
     ("peak_rss_mib <= 250", "peak_rss_mib"),
     ("tracing share <= 0.15 (100% sampling, updates)", "tracing_share"),
 )
+"""The figures `make bench` is held to (docs/performance.md); the first four and the 50 ms one are issue 10's."""
 TRACING_TARGET = 0.15
 """The most of the row-update throughput tracing at 100% sampling may cost (share = 1 - traced / untraced)."""
 SPANS_PER_UPDATE = 2
@@ -148,10 +151,12 @@ def _targets(f: dict[str, Any]) -> dict[str, bool | None]:
         return None if value is None else value <= bound
 
     return {
-        "inference_ratio": at_least(f["inference_ratio"], 0.30),
-        "update_ratio": at_least(f["update_ratio"], 0.30),
+        "inference_cpu": at_least(f["service_cpu_util"].get("inferences"), 0.90),
+        "inference_ratio": at_least(f["inference_ratio"], 0.45),
+        "update_ratio": at_least(f["update_ratio"], 1.5),
+        "updates_vs_raw_client": at_least(f["row_updates_vs_raw_client"], 0.7),
         "updates_vs_httpx": at_least(f["row_updates_vs_raw_httpx"], 5.0),
-        "latency_hiding": at_least(f["row_updates_50ms_vs_0ms"], 0.8),
+        "latency_hiding": at_least(f["row_updates_50ms_vs_0ms"], 0.9),
         "p99_ms": at_most(f["p99_ms"], 250.0),
         "peak_rss_mib": at_most(f["peak_rss_mib"], 250.0),
         "tracing_share": None if (cost := f["tracing_cost"]) is None else cost["result"] == "pass",
@@ -244,8 +249,10 @@ def table(bench: Bench, figures: dict[str, Any], machine: dict[str, Any]) -> str
         lines.append(f"  {label:<60}{num(figures[name], 2):>8}{num(figures[f'{name}_per_cpu_s'], 2):>10}")
     lines += ["", "targets:"]
     values = {
+        "inference_cpu": figures["service_cpu_util"].get("inferences"),
         "inference_ratio": figures["inference_ratio"],
         "update_ratio": figures["update_ratio"],
+        "updates_vs_raw_client": figures["row_updates_vs_raw_client"],
         "updates_vs_httpx": figures["row_updates_vs_raw_httpx"],
         "latency_hiding": figures["row_updates_50ms_vs_0ms"],
         "p99_ms": figures["p99_ms"],
