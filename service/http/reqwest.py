@@ -1,7 +1,7 @@
 """`PyreqwestClient`: the `HttpClient` interface over pyreqwest (Rust: reqwest, hyper and rustls on Tokio).
 
 Chosen with `BRIDGE_DELIVERY__HTTP_CLIENT=pyreqwest`. It behaves as `AiohttpClient` does (the tests in
-tests/unit/test_httpclient.py run the same cases over all three clients), with these differences:
+tests/unit/http/test_client.py run the same cases over all three clients), with these differences:
 
 - TLS uses rustls with the system's CA store, read when the client is built. `SSL_CERT_FILE` /
   `SSL_CERT_DIR` replace that store, as they do for httpx (aiohttp's OpenSSL still adds the system

@@ -613,7 +613,7 @@ async def test_a_permanent_refusal_closes_an_open_breaker() -> None:
 
 def attempt_timeouts(wire: Wire) -> list[float]:
     """The timeout each attempt was sent with, as httpx hands it to the transport (the client enforces it;
-    tests/unit/test_httpclient.py shows each client cutting a stalled answer at its timeout)."""
+    tests/unit/http/test_client.py shows each client cutting a stalled answer at its timeout)."""
     return [float(r.extensions["timeout"]["read"]) for r in wire.requests]
 
 

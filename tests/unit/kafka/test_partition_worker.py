@@ -10,8 +10,9 @@ from collections.abc import Callable, Hashable, Mapping
 from aiokafka import TopicPartition
 
 from service.core.records import Lender, SourceRecord, Work
-from service.kafka.consumer import ConsumerLoop, PartitionWorker
+from service.kafka.consumer import ConsumerLoop
 from service.kafka.slots import Slots
+from service.kafka.worker import PartitionWorker
 
 
 class _Loop:
