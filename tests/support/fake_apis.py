@@ -28,7 +28,10 @@ Per request, the first of these that applies decides the answer: an outage (`set
 (`script`), a random fault (`set_random_faults`), the authentication (`set_keys`) and validation checks, the
 not-yet rule (`set_not_yet`: 404 for a chosen share of update ids until some seconds after the fake first saw
 them), a rejection rule (`reject_when`), and otherwise success. `set_latency` delays every call before all of
-that; it is read when a call arrives, so a change takes effect for the next call.
+that; it is read when a call arrives, so a change takes effect for the next call. `delayed_calls` and
+`wait_for_delayed_calls` tell how many calls are waiting out their latency, and `end_delays` lets those go on at
+once, so a test can hold calls in flight without measuring time. The rate limits and the not-yet windows measure
+time with the server's `clock` (`time.monotonic` unless a test passes one it moves by hand).
 """
 
 from __future__ import annotations
@@ -226,15 +229,16 @@ class _Rule:
 
 
 class _TokenBucket:
-    """`rate` tokens a second, holding at most `capacity`; a call takes one or is refused. Starts full."""
+    """`rate` tokens a second, holding at most `capacity`; a call takes one or is refused. Starts full at `now`,
+    a reading of the clock that `take` is given later."""
 
     __slots__ = ("capacity", "rate", "tokens", "updated")
 
-    def __init__(self, rate: float, capacity: float) -> None:
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
         self.rate = rate
         self.capacity = capacity
         self.tokens = capacity
-        self.updated = time.monotonic()
+        self.updated = now
 
     def take(self, now: float) -> bool:
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
@@ -251,7 +255,7 @@ class _NotYet:
     seconds: float
     seed: int
     first_seen: dict[str, float] = field(default_factory=dict)
-    """Chosen id -> time.monotonic() of the first valid call that named it."""
+    """Chosen id -> the server's clock reading at the first valid call that named it."""
 
 
 RATE_LIMIT_FAULT: Final = Fault(status=429, headers={"Retry-After": "1"})
@@ -492,9 +496,12 @@ class FakeApiServer(ThreadedServer):
         host: str = "127.0.0.1",
         pipelines: Iterable[str] | None = None,
         record: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`pipelines` is an allow-list of pipeline ids (others get 404); None accepts any id. `record=False`
-        keeps only the counts, for benchmarks that send more requests than are worth holding in memory."""
+        keeps only the counts, for benchmarks that send more requests than are worth holding in memory.
+        `clock` gives the seconds (only differences matter) that the rate limits and the not-yet windows
+        measure; it is called from the server thread. Latency and fault delays always run on real time."""
         self._initial_keys = (frozenset((openlayer_key,)), frozenset((humanloop_key,)))
         self._openlayer_keys, self._humanloop_keys = self._initial_keys
         self._pipelines = frozenset(pipelines) if pipelines is not None else None
@@ -504,6 +511,8 @@ class FakeApiServer(ThreadedServer):
         # One lock for the recordings and the switches: the handler thread reads what test threads write.
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
+        self._delays_changed = threading.Condition(self._lock)
+        self._clock = clock
         self._requests: list[ReceivedRequest] = []
         self._counts: dict[Endpoint, int] = dict.fromkeys(ENDPOINTS, 0)
         self._scripts: dict[Endpoint, deque[Fault]] = {e: deque() for e in ENDPOINTS}
@@ -511,6 +520,8 @@ class FakeApiServer(ThreadedServer):
         self._rules: dict[Endpoint, list[_Rule]] = {e: [] for e in ENDPOINTS}
         self._down: dict[Endpoint, tuple[Fault, DownMode]] = {}
         self._latency_s = 0.0
+        self._delayed: set[asyncio.Future[None]] = set()
+        """One future per call waiting out its latency; the call goes on when it is done."""
         self._buckets: dict[Api, _TokenBucket] = {}
         self._not_yet: _NotYet | None = None
 
@@ -572,6 +583,28 @@ class FakeApiServer(ThreadedServer):
             if not self._arrived.wait_for(lambda: len(matching()) >= count, timeout):
                 raise TimeoutError(f"{len(matching())} of {count} requests arrived within {timeout}s")
             return matching()
+
+    def delayed_calls(self) -> int:
+        """How many API calls are waiting out their latency (`set_latency`) right now."""
+        with self._lock:
+            return len(self._delayed)
+
+    def wait_for_delayed_calls(self, count: int, *, timeout: float = 10.0) -> None:
+        """Block until at least `count` API calls are waiting out their latency; TimeoutError otherwise."""
+        with self._delays_changed:
+            if not self._delays_changed.wait_for(lambda: len(self._delayed) >= count, timeout):
+                raise TimeoutError(f"{len(self._delayed)} of {count} calls were waiting out their latency")
+
+    def end_delays(self) -> int:
+        """End the latency wait of every call waiting now, as if its time were up, and return how many there
+        were. Calls that arrive later wait out the latency as usual."""
+        with self._lock:
+            ending = list(self._delayed)
+            self._delayed.clear()
+            self._delays_changed.notify_all()
+        for ended in ending:
+            ended.get_loop().call_soon_threadsafe(_finish, ended)
+        return len(ending)
 
     # -- faults ----------------------------------------------------------------------------------------
 
@@ -670,7 +703,8 @@ class FakeApiServer(ThreadedServer):
                 if not rate:
                     self._buckets.pop(target, None)
                 else:
-                    self._buckets[target] = _TokenBucket(rate, capacity if capacity is not None else rate)
+                    bucket = _TokenBucket(rate, capacity if capacity is not None else rate, self._clock())
+                    self._buckets[target] = bucket
 
     def set_not_yet(self, share: float, seconds: float, seed: int = 0) -> None:
         """Answer 404 ("not found", in the vendor's shape; recorded as "notyet:404") to updates of a share of
@@ -748,7 +782,7 @@ class FakeApiServer(ThreadedServer):
         with self._lock:
             latency = self._latency_s
         if latency:
-            await asyncio.sleep(latency)
+            await self._wait_out(latency)
 
         chosen = self._take_fault(endpoint)
         response: web.Response | None = None
@@ -785,13 +819,29 @@ class FakeApiServer(ThreadedServer):
             abort_request(request)
         return response
 
+    async def _wait_out(self, latency: float) -> None:
+        """Sleep `latency` seconds, or until `end_delays`; `delayed_calls` counts the call meanwhile."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(latency, _finish, ended)
+        with self._delays_changed:
+            self._delayed.add(ended)
+            self._delays_changed.notify_all()
+        try:
+            await ended
+        finally:
+            timer.cancel()
+            with self._delays_changed:
+                self._delayed.discard(ended)
+                self._delays_changed.notify_all()
+
     def _take_fault(self, endpoint: Endpoint) -> tuple[Fault, str] | None:
         with self._lock:
             outage = self._down.get(endpoint)
             if outage is not None:
                 return outage[0], "down"
             bucket = self._buckets.get(API_OF[endpoint])
-            if bucket is not None and not bucket.take(time.monotonic()):
+            if bucket is not None and not bucket.take(self._clock()):
                 return RATE_LIMIT_FAULT, RATE_LIMITED
             script = self._scripts[endpoint]
             if script:
@@ -807,7 +857,7 @@ class FakeApiServer(ThreadedServer):
             rule = self._not_yet
             if rule is None or not identifier or not not_yet_chosen(identifier, rule.share, rule.seed):
                 return None
-            now = time.monotonic()
+            now = self._clock()
             first = rule.first_seen.setdefault(identifier, now)
         if now - first >= rule.seconds:
             return None
@@ -1016,6 +1066,12 @@ class FakeApiServer(ThreadedServer):
             self.clear_faults(endpoint)
         else:
             raise ValueError(f"unknown action {kind!r}")
+
+
+def _finish(waiting: asyncio.Future[None]) -> None:
+    """Let a latency wait go on; its timer and `end_delays` may both try, and the call may be cancelled."""
+    if not waiting.done():
+        waiting.set_result(None)
 
 
 def _publish_problem(payload: dict[str, Any]) -> str | None:

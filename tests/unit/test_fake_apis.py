@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +39,31 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def fake() -> Iterator[FakeApiServer]:
     with FakeApiServer(openlayer_key=OL_KEY, humanloop_key=HL_KEY) as server:
+        yield server
+
+
+class ManualClock:
+    """A clock for the fake's rate limits and not-yet windows that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1024.0  # exact in binary, so the sums of the steps below are too
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def timed_fake(clock: ManualClock) -> Iterator[FakeApiServer]:
+    """A fake whose rate limits and not-yet windows run on `clock`."""
+    with FakeApiServer(openlayer_key=OL_KEY, humanloop_key=HL_KEY, clock=clock) as server:
         yield server
 
 
@@ -389,15 +413,28 @@ def test_down_with_reset_and_hang_modes_break_connections(fake: FakeApiServer, c
     assert [r.fault for r in fake.requests("publish")] == ["down:reset", "down:reset"]
 
 
-def test_latency_applies_to_every_call(fake: FakeApiServer) -> None:
-    fake.set_latency(5.0)
+def test_latency_applies_to_every_call(fake: FakeApiServer, client: httpx.Client) -> None:
+    fake.set_latency(3600.0)  # longer than the test may run: only end_delays() lets these calls go on
+    answers: list[httpx.Response] = []
+    with httpx.Client(timeout=60.0) as patient:  # a bound for liveness only: end_delays() ends the wait
+        calls = [
+            threading.Thread(target=lambda: answers.append(publish(patient, fake))),
+            threading.Thread(target=lambda: answers.append(update_log(patient, fake, {}))),
+        ]
+        for call in calls:
+            call.start()
+        fake.wait_for_delayed_calls(2)
 
-    with httpx.Client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
-        publish(impatient, fake)
+        assert fake.count() == 0  # neither was judged yet: the latency comes before everything else
+        assert fake.end_delays() == 2
+        for call in calls:
+            call.join()
 
-    fake.set_latency(0.0)
-    with httpx.Client(timeout=5.0) as patient:
-        assert publish(patient, fake).status_code == 200
+    assert sorted(a.status_code for a in answers) == [200, 200]
+    assert fake.delayed_calls() == 0
+    fake.set_latency(0.001)  # a latency also ends by itself
+    assert publish(client, fake).status_code == 200
+    assert fake.end_delays() == 0
 
 
 def test_clear_and_reset(fake: FakeApiServer, client: httpx.Client) -> None:
@@ -454,33 +491,29 @@ def test_rejects_unknown_endpoint_names(fake: FakeApiServer) -> None:
 
 
 def test_latency_changes_mid_run_for_the_next_call(fake: FakeApiServer, client: httpx.Client) -> None:
-    fake.set_latency(1.5)
-    slow: list[float] = []
+    fake.set_latency(3600.0)  # longer than the test may run: only end_delays() lets this call go on
+    slow: list[httpx.Response] = []
+    with httpx.Client(timeout=60.0) as patient:  # a bound for liveness only: end_delays() ends the wait
+        thread = threading.Thread(target=lambda: slow.append(publish(patient, fake, [{"call": "slow"}])))
+        thread.start()
+        fake.wait_for_delayed_calls(1)  # the slow call has arrived and is waiting out its latency
 
-    def slow_call() -> None:
-        started = time.monotonic()
-        publish(client, fake)
-        slow.append(time.monotonic() - started)
+        fake.set_latency(0.0)
+        assert publish(client, fake, [{"call": "fast"}]).status_code == 200
+        assert fake.delayed_calls() == 1  # the slow call keeps the latency it arrived with
+        assert fake.end_delays() == 1
+        thread.join()
 
-    thread = threading.Thread(target=slow_call)
-    thread.start()
-    time.sleep(0.3)  # the slow call has arrived and is waiting out its latency
-    fake.set_latency(0.0)
-    started = time.monotonic()
-    assert publish(client, fake).status_code == 200
-    fast = time.monotonic() - started
-    thread.join(5.0)
-
-    assert fast < 1.0
-    assert slow[0] >= 1.5
+    assert slow[0].status_code == 200
+    assert [r.json["rows"] for r in fake.requests()] == [[{"call": "fast"}], [{"call": "slow"}]]
 
 
 # -- rate limit ----------------------------------------------------------------------------------------
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
-    bucket = _TokenBucket(rate=4.0, capacity=4.0)
-    now = bucket.updated = 1024.0  # times exact in binary, so the sums below are too
+    now = 1024.0  # times exact in binary, so the sums below are too
+    bucket = _TokenBucket(rate=4.0, capacity=4.0, now=now)
 
     assert [bucket.take(now) for _ in range(5)] == [True] * 4 + [False]
     assert bucket.take(now + 0.125) is False  # half a token
@@ -506,8 +539,11 @@ def test_rate_limit_answers_429_with_retry_after_when_the_bucket_is_empty(
     assert [r.fault for r in fake.requests()] == [None, None, None, "ratelimit:429", "ratelimit:429", None]
 
 
-def test_rate_limit_per_api_refills_and_can_be_removed(fake: FakeApiServer, client: httpx.Client) -> None:
-    fake.set_rate_limit(None, rate=1.0, capacity=2)  # slow enough that the calls' own time adds no token
+def test_rate_limit_per_api_refills_and_can_be_removed(
+    timed_fake: FakeApiServer, clock: ManualClock, client: httpx.Client
+) -> None:
+    fake = timed_fake
+    fake.set_rate_limit(None, rate=1.0, capacity=2)
     assert [update_log(client, fake, {}).status_code for _ in range(2)] == [200] * 2
     refused = update_log(client, fake, {})
     assert refused.status_code == 429
@@ -515,8 +551,11 @@ def test_rate_limit_per_api_refills_and_can_be_removed(fake: FakeApiServer, clie
     assert isinstance(refused.json()["detail"], str)  # Humanloop's error shape
     assert publish(client, fake).status_code == 200  # Openlayer's bucket is its own
 
-    time.sleep(1.1)  # a token again
-    assert update_log(client, fake, {}).status_code == 200
+    clock.advance(0.5)
+    assert update_log(client, fake, {}).status_code == 429  # half a token
+    clock.advance(0.5)
+    assert update_log(client, fake, {}).status_code == 200  # a whole token again
+    assert update_log(client, fake, {}).status_code == 429
 
     fake.set_rate_limit("humanloop", rate=None)
     assert [update_log(client, fake, {}).status_code for _ in range(20)] == [200] * 20
@@ -535,7 +574,10 @@ def test_rate_limit_comes_after_an_outage_and_before_authentication(fake: FakeAp
 # -- not yet -------------------------------------------------------------------------------------------
 
 
-def test_not_yet_ids_answer_404_until_their_time_is_up(fake: FakeApiServer, client: httpx.Client) -> None:
+def test_not_yet_ids_answer_404_until_their_time_is_up(
+    timed_fake: FakeApiServer, clock: ManualClock, client: httpx.Client
+) -> None:
+    fake = timed_fake
     fake.set_not_yet(share=1.0, seconds=2.0, seed=1)
 
     row = update_row(client, fake, {"row": {"a": 1}})
@@ -546,14 +588,18 @@ def test_not_yet_ids_answer_404_until_their_time_is_up(fake: FakeApiServer, clie
     assert "i-1" in row.json()["error"]
     assert log.status_code == 404
     assert "conv-1" in log.json()["detail"]
-    time.sleep(1.0)
-    other = update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"})
-    assert other.status_code == 404
-    time.sleep(1.1)
-    assert update_row(client, fake, {"row": {"a": 1}}).status_code == 200  # 2.1 s after i-1 was first seen
-    assert update_log(client, fake, {"output": "x"}).status_code == 200
+    clock.advance(1.0)
     assert update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"}).status_code == 404
-    assert [r.fault for r in fake.requests()][:4] == ["notyet:404", "notyet:404", None, "notyet:404"]
+    clock.advance(0.5)
+    assert update_row(client, fake, {"row": {"a": 1}}).status_code == 404  # 1.5 s after i-1 was first seen
+    clock.advance(0.5)
+    assert update_row(client, fake, {"row": {"a": 1}}).status_code == 200  # 2 s: asking again did not restart it
+    assert update_log(client, fake, {"output": "x"}).status_code == 200
+    assert update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"}).status_code == 404  # 1 s
+    clock.advance(1.0)
+    assert update_row(client, fake, {"row": {"a": 1}}, params={"inferenceId": "i-2"}).status_code == 200
+    faults = [r.fault for r in fake.requests()]
+    assert faults == ["notyet:404", "notyet:404", None, "notyet:404", "notyet:404", None, None, "notyet:404", None]
 
 
 def test_not_yet_picks_a_share_of_ids_by_seed(fake: FakeApiServer, client: httpx.Client) -> None:
