@@ -84,7 +84,7 @@ class ConsumerLoop:
         self._fatal: BaseException | None = None
         self._shared_slots = Slots(settings.max_in_flight_total)
         self.room = asyncio.Event()
-        """Set whenever a record finishes: a partition left out of polls for a full backlog may take more."""
+        """Set when a partition left out of polls for a full backlog has room again."""
 
     def subscribe(self, topics: Sequence[str]) -> None:
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
@@ -139,7 +139,13 @@ class ConsumerLoop:
         worker = self._workers.get(tp)
         if worker is None:
             worker = PartitionWorker(
-                tp, self._prepare, self._settings.max_in_flight_per_partition, self._shared_slots, self, self.room
+                tp,
+                self._prepare,
+                self._settings.max_in_flight_per_partition,
+                self._shared_slots,
+                self,
+                room=self.room,
+                backlog_limit=self._settings.max_buffered_per_partition,
             )
             self._workers[tp] = worker
         return worker
@@ -154,6 +160,7 @@ class ConsumerLoop:
         its backlog shrinks.
         """
         limit = self._settings.max_buffered_per_partition
+        self.room.clear()  # before looking: a partition that gets room from now on sets it again
         full = [tp for tp, worker in self._workers.items() if worker.backlog >= limit]
         timeout_ms, most = self._settings.poll_timeout_ms, self._settings.max_poll_records
         batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
@@ -165,9 +172,10 @@ class ConsumerLoop:
             batches = await self._consumer.getmany(*room, timeout_ms=0, max_records=most)
             if batches:
                 return batches
+        if self.room.is_set():
+            return {}  # a full partition got room meanwhile: look again
         # Nothing to take now: wait until a fetch brings records for a partition with room, or a
         # full partition gets room (its records are already fetched), whichever comes first.
-        self.room.clear()
         waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.room.wait())}
         if room:
             waits.add(asyncio.ensure_future(self._consumer.getmany(*room, timeout_ms=timeout_ms, max_records=most)))

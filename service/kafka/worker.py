@@ -47,7 +47,8 @@ class PartitionWorker:
         max_in_flight: int,
         shared: Slots,
         failures: FailureSink,
-        finished: asyncio.Event | None = None,
+        room: asyncio.Event | None = None,
+        backlog_limit: int = 0,
     ) -> None:
         self.tp = tp
         self.tracker = OffsetTracker()
@@ -66,8 +67,10 @@ class PartitionWorker:
         self._parked: set[int] = set()
         self._running: set[asyncio.Future[None]] = set()
         self._draining = False
-        # Set whenever one of its records finishes: the loop waits on it when every backlog is full.
-        self._room = finished if finished is not None else asyncio.Event()
+        # Set when a record's end brings the backlog below `backlog_limit`: a full partition, left out of the
+        # loop's polls, can take records again. Only on that crossing, so the loop is not woken per record.
+        self._room = room if room is not None else asyncio.Event()
+        self._room_at = backlog_limit - 1
         self._feeder = asyncio.create_task(self._feed(), name=f"feed-{tp.topic}-{tp.partition}")
 
     @property
@@ -155,7 +158,6 @@ class PartitionWorker:
         else:
             self._give()
         self._running.discard(outcome)
-        self._room.set()  # the loop may be waiting for any partition's backlog to shrink
         if key is not None:
             waiting = self._keys.get(key)
             if waiting:
@@ -168,6 +170,8 @@ class PartitionWorker:
         exc = outcome.exception()
         if exc is None:
             self.tracker.done(offset)
+            if self.tracker.open == self._room_at:
+                self._room.set()
         else:  # a FatalError: the loop stops, nothing is committed past it
             self._failures.fail(exc)
 
