@@ -442,7 +442,8 @@ async def test_a_full_backlog_keeps_the_partition_out_of_polls_unpaused_until_a_
     consumer, outcomes = FakeConsumer(), Outcomes(held=[(TP, o) for o in range(100)])
     consumer.feed(TP, 0, 100)
     consumer.feed(TP, 100, 50)
-    bench = benches(consumer, outcomes, max_buffered_per_partition=100)
+    # A poll timeout of an hour: only the partition's own signal that it has room can wake the loop.
+    bench = benches(consumer, outcomes, max_buffered_per_partition=100, poll_timeout_ms=3_600_000)
     await consumer.until(lambda: outcomes.started() == 100)
     # Not paused: aiokafka would drop a paused partition's fetched records and fetch them again.
     assert not consumer.paused
