@@ -35,7 +35,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class LimitSettings:
     initial: int = 32
-    ceiling: int = 512
+    ceiling: int = 1024
     floor: int = 4
     """The lowest limit back pressure leads to: a few calls in flight overload nothing, and under random
     faults a limit of one turns every hung call into a stall of the whole destination."""
