@@ -184,9 +184,6 @@ class Router:
     def publish_row(self, event: NewInference, where: Coordinates) -> PublishRow:
         return self.openlayer.publish_row(event, where)
 
-    def publish_config(self, event: NewInference) -> JsonObject:
-        return self.openlayer.publish_config(event)
-
     def publish_request(self, pipeline_id: str, config_json: bytes, rows: Sequence[bytes]) -> ApiRequest:
         """The batcher's call: rows that share a pipeline and a config, in one Publish-records request."""
         return self.openlayer.publish_request(pipeline_id, config_json, rows)

@@ -6,7 +6,7 @@ more, or when `stall_failures` failures came in a row with no success for `stall
 with too little traffic to fill the window). A refused key (`Fault.AUTH`) opens it after
 `stall_failures` refusals in a row, with its own reason, and pauses it at most `auth_pause_cap_s`,
 so a key rotated in its file is picked up within seconds. 429s never count: they are rate limits,
-handled by the destination's concurrency limit and Retry-After pause (service/limiter.py).
+handled by the destination's concurrency limit and Retry-After pause (service/http/limiter.py).
 
 Open, every caller waits (records stay uncommitted, partitions back up and are paused by the
 consumer loop). After the pause, up to `probes` callers go through as probes, each with a short

@@ -2,7 +2,7 @@
 
 Delivery sees only `HttpClient.send` and its two outcomes: an `HttpResponse` (any status) or a
 `TransportFailure` (no usable response: connect error, timeout, reset). Each library's exception zoo
-is converted here and nowhere else (pyreqwest's in service/http_reqwest.py). Three implementations:
+is converted here and nowhere else (pyreqwest's in service/http/reqwest.py). Three implementations:
 `AiohttpClient` (the default; `make bench` measured it several times faster per core than httpx under
 concurrency), `HttpxClient` and `PyreqwestClient`. `build_http_client` picks one by name.
 """
@@ -51,7 +51,7 @@ class HttpClient(Protocol):
         """One attempt; `timeout_s` bounds it whole (delivery's attempt timeout), else the configured timeouts do.
 
         The client enforces it rather than the caller cancelling the call: a cancelled pyreqwest
-        exchange would go on in its runtime (service/http_reqwest.py), and this costs no timer task.
+        exchange would go on in its runtime (service/http/reqwest.py), and this costs no timer task.
         """
         ...
 
@@ -61,7 +61,7 @@ class HttpClient(Protocol):
 class LastTimeout(Generic[T]):
     """The client's timeout object for an attempt timeout, kept for the last value asked.
 
-    Delivery's attempt timeout changes only every few dozen calls (service/timeouts.py), so one
+    Delivery's attempt timeout changes only every few dozen calls (service/http/timeouts.py), so one
     entry saves building an object per call without a cache that grows with every value seen.
     """
 

@@ -5,9 +5,9 @@ refused it for good. It never gives up on the API's own trouble: 5xx, timeouts, 
 and "not ingested yet" wait, each in its own way, and only answers that say something about this
 record end in a dead letter. Per destination (`Guard`) it keeps:
 
-- a breaker (service/breaker.py) that pauses the destination in an outage or while its key is refused;
-- an adaptive concurrency limit (service/limiter.py), which also carries Retry-After pauses;
-- per-endpoint attempt timeouts from recent latency (service/timeouts.py), so a hung call is cut
+- a breaker (service/http/breaker.py) that pauses the destination in an outage or while its key is refused;
+- an adaptive concurrency limit (service/http/limiter.py), which also carries Retry-After pauses;
+- per-endpoint attempt timeouts from recent latency (service/http/timeouts.py), so a hung call is cut
   in seconds and retried, and a breaker probe is cut sooner still;
 - the API key, re-read from its file when the API answers 401/403 (a rotated Secret).
 
@@ -70,7 +70,7 @@ class KeySource(Protocol):
 
 
 class Parking(Protocol):
-    """Lets a waiting record give back its in-flight slots (the consumer loop's, service/consumer.py)."""
+    """Lets a waiting record give back its in-flight slots (the consumer loop's, service/kafka/worker.py)."""
 
     def park(self) -> None: ...
 

@@ -7,7 +7,7 @@ tests/unit/http/test_client.py run the same cases over all three clients), with 
   `SSL_CERT_DIR` replace that store, as they do for httpx (aiohttp's OpenSSL still adds the system
   directory): a private CA goes in a bundle together with the public ones.
 - HTTP/2 is offered by ALPN on TLS connections; plain `http://` stays HTTP/1.1, as with aiohttp.
-- The path is sent exactly as given (routes.py has already percent-encoded it); aiohttp re-quotes
+- The path is sent exactly as given (service/apis/json.py `segment` has already percent-encoded it); aiohttp re-quotes
   it and decodes `%26`, `%3D` and the like, which servers read the same way.
 - A send cancelled by the caller returns at once, but the exchange goes on in the Rust runtime
   until the answer arrives or its timeout passes: pyreqwest detaches the request rather than

@@ -176,18 +176,22 @@ class ConsumerLoop:
             return {}  # a full partition got room meanwhile: look again
         # Nothing to take now: wait until a fetch brings records for a partition with room, or a
         # full partition gets room (its records are already fetched), whichever comes first.
-        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.room.wait())}
-        if room:
-            waits.add(asyncio.ensure_future(self._consumer.getmany(*room, timeout_ms=timeout_ms, max_records=most)))
-        done, pending = await asyncio.wait(waits, timeout=timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
-        for waiting in pending:
-            waiting.cancel()
+        woken = asyncio.ensure_future(self.room.wait())
+        fetch = (
+            asyncio.ensure_future(self._consumer.getmany(*room, timeout_ms=timeout_ms, max_records=most))
+            if room
+            else None
+        )
+        waits = {woken} if fetch is None else {woken, fetch}
+        await asyncio.wait(waits, timeout=timeout_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+        pending = {task for task in waits if not task.done()}
+        for task in pending:
+            task.cancel()
         if pending:
             await asyncio.wait(pending)
-        for finished in done:
-            result = finished.result()
-            if isinstance(result, dict):
-                return result
+        if fetch is not None and not fetch.cancelled():
+            batches = fetch.result()
+            return batches
         return {}
 
     def _prefix_moved(self) -> bool:

@@ -33,7 +33,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # Memory, CPU and collector runs of this process: what sizing a pod and the GC thresholds
-        # in service/runtime.py are judged by.
+        # in service/ops/runtime.py are judged by.
         ProcessCollector(registry=r)
         GCCollector(registry=r)
         self.consumed = Counter("bridge_records_consumed", "Records fetched from Kafka.", ["topic"], registry=r)

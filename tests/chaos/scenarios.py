@@ -90,7 +90,8 @@ DEFAULT_RECORDS: Final = 21_000
 CONFLUENT_SHARE: Final = 0.2
 """Share of valid records written Confluent-framed (with the registered schema) rather than as plain Avro."""
 
-# The reasons each kind of poison must be dead-lettered with (service/codec.py, registry.py, routes.py, delivery.py).
+# The reasons each kind of poison must be dead-lettered with (service/avro/codec.py, service/avro/registry.py,
+# service/apis/, service/http/delivery.py).
 # Random bytes fail wherever they first stop making sense, so two decode reasons are right for them.
 POISON_REASONS: Final[Mapping[str, frozenset[str]]] = {
     "random-bytes": frozenset({"garbage-bytes", "truncated"}),

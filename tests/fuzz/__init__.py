@@ -1,4 +1,5 @@
-"""Fuzzing the bridge's record path: decode (service/codec.py) and route (service/routes.py) on hostile input.
+"""Fuzzing the bridge's record path on hostile input: decode (service/avro/codec.py and the decoders in
+service/apis/) and route (service/apis/).
 
 `rig` is what the property tests (tests/unit/test_fuzz_*.py) and the `make fuzz` driver (`python -m tests.fuzz`)
 share: the codec with an in-memory schema registry, the router, the set of reasons the documentation promises,

@@ -187,7 +187,7 @@ def _is_secret(annotation: Any) -> bool:
 
 
 def settings_env_names() -> dict[str, bool]:
-    """Every BRIDGE_* variable service/settings.py reads, mapped to whether it is a secret."""
+    """Every BRIDGE_* variable service/config/ reads, mapped to whether it is a secret."""
     names: dict[str, bool] = {}
     for section, field in Settings.model_fields.items():
         annotation = field.annotation

@@ -62,7 +62,7 @@ SOAK_FAULTS: Final = (
     Fault(status=503, delay_s=1.0),
 )
 """Drawn with equal chance for a faulted call. No 429: the service halves a destination's concurrency limit on
-any 429 (a token bucket's answer, see service/limiter.py), so 429s scattered at random through ten million calls
+any 429 (a token bucket's answer, see service/http/limiter.py), so 429s scattered at random through ten million calls
 would make this a run of the rate-limit path, about 5 times slower (0.4% of update calls answered 429 took
 60,000 updates from 2,258 to 432 records/s); `make chaos` covers 429s under a token bucket."""
 

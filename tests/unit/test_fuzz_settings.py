@@ -1,7 +1,7 @@
 """Fuzzing the settings with hypothesis: any environment gives valid settings or a `SettingsError` whose message
 names the bad variables; never another exception (which would be a traceback instead of exit code 2).
 
-Variables are drawn from every name service/settings.py reads (so values reach every validator), from
+Variables are drawn from every name service/config/ reads (so values reach every validator), from
 misspellings and unknown sections, and from anything with the BRIDGE_ prefix; values are any text, JSON (for
 the JSON-typed settings), numbers in every spelling, and file paths for the *_FILE settings.
 """

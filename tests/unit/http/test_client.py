@@ -3,7 +3,7 @@
 `PyreqwestClient` must behave as `AiohttpClient` does, so every case runs over all three clients unless
 a comment says why not. The server (`Wire`) is a bare asyncio server scripted by the first path
 segment, so it can also misbehave: stall, reset, close early, answer garbage. Everything runs on
-uvloop, the service's default loop (service/runtime.py); cancellation runs on both loops.
+uvloop, the service's default loop (service/ops/runtime.py); cancellation runs on both loops.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ RESERVED_ID = "pipe/../admin?x=1#frag %é&a=b+c;~*'()"
 
 
 def _segment(value: str) -> str:
-    """A path segment encoded as service/routes.py encodes ids: every reserved character escaped."""
+    """A path segment encoded as service/apis/json.py `segment` encodes ids: every reserved character escaped."""
     return quote(value, safe="")
 
 
@@ -352,7 +352,7 @@ def test_connections_are_kept_alive_and_reused(kind: HttpClientKind) -> None:
 def test_a_cancelled_send_returns_at_once_leaks_nothing_and_logs_nothing(
     kind: HttpClientKind, loop: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Delivery cuts every attempt with `asyncio.timeout` (service/delivery.py), which cancels the send.
+    # Delivery cuts every attempt with `asyncio.timeout` (service/http/delivery.py), which cancels the send.
     async def scenario() -> None:
         problems: list[dict[str, Any]] = []
         asyncio.get_running_loop().set_exception_handler(lambda _, context: problems.append(context))
@@ -369,7 +369,7 @@ def test_a_cancelled_send_returns_at_once_leaks_nothing_and_logs_nothing(
                 calls = [http.send("PUT", f"{wire.url}/rows", (), HEADERS, b"{}") for _ in range(8)]
                 assert {r.status for r in await asyncio.gather(*calls)} == {200}
                 # The stalled exchange ends by the read timeout at the latest (aiohttp ends it at once;
-                # pyreqwest lets it run on in its runtime, see service/http_reqwest.py).
+                # pyreqwest lets it run on in its runtime, see service/http/reqwest.py).
                 await wire.a_connection_closed(within_s=READ_TIMEOUT_S + 1.0)
             finally:
                 await http.aclose()
@@ -548,7 +548,7 @@ def test_the_proxy_named_by_the_environment_is_used_except_for_no_proxy_hosts(
 
 def test_pyreqwest_keeps_its_runtime_threads_bounded_on_a_cold_burst() -> None:
     # Every new connection resolves its host name on one of the runtime's blocking threads
-    # (service/http_reqwest.py): a burst of new connections must not become a burst of threads.
+    # (service/http/reqwest.py): a burst of new connections must not become a burst of threads.
     async def scenario() -> int:
         async with Wire() as wire:
             http = client("pyreqwest", max_connections=64)
