@@ -21,10 +21,13 @@ BOTH_SET = "secret_value_and_file"
 
 
 class Section(BaseModel):
-    """A settings section: frozen, unknown fields refused, secrets optionally read from files."""
+    """A settings section: frozen, unknown fields and non-finite numbers refused, secrets optionally read from files."""
 
     # A typo in a nested variable (BRIDGE_KAFKA__BOOTSRAP_SERVERS) must fail loudly, not be ignored.
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Every float setting is a duration, a size or a rate: `inf`, `nan` and overflowing literals
+    # (`1e309` reads as inf) would pass `gt=0` or fail it with a misleading bound, so they are refused
+    # here for every section at once ("Input should be a finite number").
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # Secret fields that may come from a file instead: the sibling `<name>_file` holds the path,
     # and the file is read here so `<name>` holds the secret either way and its readers need not care.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from service.config.settings import Settings, SettingsError, load_settings
 
@@ -204,6 +204,55 @@ def test_the_three_topics_must_be_distinct() -> None:
     message = load_error(env(BRIDGE_TOPICS__ROW_UPDATES="inferences"))
 
     assert "BRIDGE_TOPICS" in message
+
+
+# --- numbers are finite ------------------------------------------------------------------------------------
+
+
+def _float_variables() -> list[str]:
+    """Every variable of a float setting, found from the model so that a new one is covered too."""
+    names = []
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, field in model.model_fields.items():
+                if field.annotation is float or field.annotation == float | None:
+                    names.append(f"BRIDGE_{section}__{name}".upper())
+    return names
+
+
+FLOAT_VARIABLES = _float_variables()
+
+
+def test_the_float_settings_are_found() -> None:
+    # The parametrized tests below would pass vacuously with none.
+    assert {"BRIDGE_DELIVERY__READ_TIMEOUT_S", "BRIDGE_BATCH__LINGER_MS", "BRIDGE_KAFKA__COMMIT_INTERVAL_S"} <= set(
+        FLOAT_VARIABLES
+    )
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e309", "-1e309"])
+@pytest.mark.parametrize("name", FLOAT_VARIABLES)
+def test_a_float_setting_must_be_finite(name: str, value: str) -> None:
+    message = load_error(env(**{name: value}))
+
+    assert message == f"1 setting(s) invalid:\n  {name}: Input should be a finite number"
+
+
+@pytest.mark.parametrize("name", FLOAT_VARIABLES)
+def test_a_float_setting_takes_a_large_finite_number(name: str) -> None:
+    section, field = name.removeprefix("BRIDGE_").lower().split("__")
+    value = "1" if name == "BRIDGE_DELIVERY__BREAKER_FAILURE_RATE" else "1e300"  # a share is at most 1
+
+    assert getattr(getattr(load_settings(env(**{name: value})), section), field) == float(value)
+
+
+def test_a_non_finite_number_in_a_section_given_as_json_is_named() -> None:
+    # Python's JSON reader takes Infinity and NaN.
+    message = load_error(env(BRIDGE_DELIVERY='{"read_timeout_s": Infinity, "drain_timeout_s": NaN}'))
+
+    assert "BRIDGE_DELIVERY__READ_TIMEOUT_S: Input should be a finite number" in message
+    assert "BRIDGE_DELIVERY__DRAIN_TIMEOUT_S: Input should be a finite number" in message
 
 
 # --- secrets ------------------------------------------------------------------------------------------------
@@ -426,6 +475,16 @@ def test_check_config_with_missing_settings_exits_2_naming_them() -> None:
     assert "BRIDGE_HUMANLOOP__API_KEY" in done.stderr
     assert "BRIDGE_OPENLAYER__API_KEY" not in done.stderr
     assert OL_KEY not in done.stdout + done.stderr
+    assert done.stdout == ""
+
+
+def test_check_config_refuses_an_infinite_timeout_naming_it() -> None:
+    done = _run_cli(env(BRIDGE_DELIVERY__READ_TIMEOUT_S="inf"), "check-config")
+
+    assert done.returncode == 2
+    assert done.stderr == (
+        "inference-bridge: 1 setting(s) invalid:\n  BRIDGE_DELIVERY__READ_TIMEOUT_S: Input should be a finite number\n"
+    )
     assert done.stdout == ""
 
 
