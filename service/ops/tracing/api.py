@@ -37,6 +37,7 @@ from typing import Final, TypeVar
 
 from opentelemetry.trace import Span
 
+import service
 from service.core.errors import RecordError
 from service.core.records import SourceRecord
 from service.core.requests import ApiRequest
@@ -162,16 +163,8 @@ def build_tracing(
         environ=env,
         export_timeout_s=timeout,
         service_name=DEFAULT_SERVICE_NAME,
-        version=_version(),
+        # The one source of the version (service/__init__.py, below every layer), read when tracing is built.
+        version=service.__version__,
     )
     log.info("tracing on", extra={"endpoint": endpoint})
     return tracing
-
-
-def _version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("inference-bridge")
-    except PackageNotFoundError:
-        return None

@@ -65,7 +65,7 @@ def build(
     environ: Mapping[str, str],
     export_timeout_s: float | None,
     service_name: str,
-    version: str | None,
+    version: str,
 ) -> OtelTracing:
     """The SDK pipeline from the environment (see `service.ops.tracing.api.build_tracing`)."""
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION
@@ -75,7 +75,7 @@ def build(
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-    if version is not None and SERVICE_VERSION not in resource.attributes:
+    if SERVICE_VERSION not in resource.attributes:
         resource = resource.merge(Resource({SERVICE_VERSION: version}))
     max_links = SpanLimits().max_links if environ.get("OTEL_SPAN_LINK_COUNT_LIMIT") else None
     exporter = OTLPSpanExporter(endpoint=endpoint, timeout=export_timeout_s)

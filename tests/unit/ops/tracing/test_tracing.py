@@ -37,6 +37,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+import service
 from service.config.delivery import DeliverySettings
 from service.core.errors import DecodeError
 from service.core.events import EventKind, NewInference
@@ -440,6 +441,25 @@ def test_service_name_and_resource_attributes_come_from_the_environment(monkeypa
     span = tracing.start_record(source())
     assert isinstance(span, LeanSpan)
     assert span.resource.attributes["service.name"] == "bridge-eu"
+    asyncio.run(tracing.aclose())
+
+
+def test_the_version_on_spans_is_service_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A version no installed distribution has: only `service.__version__` can put it on the spans.
+    monkeypatch.setattr(service, "__version__", "9.8.7+probe")
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    tracing = build_tracing(group_id="g", max_batch_rows=500, environ=endpoint)
+    span = tracing.start_record(source())
+    assert isinstance(span, LeanSpan)
+    assert span.resource.attributes["service.version"] == "9.8.7+probe"
+    assert span.instrumentation_scope.version == "9.8.7+probe"
+    asyncio.run(tracing.aclose())
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.version=2.0.0-eu")
+    tracing = build_tracing(group_id="g", max_batch_rows=500, environ=endpoint)
+    span = tracing.start_record(source())
+    assert isinstance(span, LeanSpan)
+    assert span.resource.attributes["service.version"] == "2.0.0-eu", "the environment's, as for service.name"
     asyncio.run(tracing.aclose())
 
 
