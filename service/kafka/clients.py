@@ -6,7 +6,7 @@ Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
@@ -50,6 +50,35 @@ def security_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+AIOKAFKA_REQUEST_TIMEOUT_MS: Final = 40_000
+"""aiokafka's own default request timeout: what every request but JoinGroup needs, kept as the floor."""
+JOIN_GROUP_MARGIN_MS: Final = 5_000
+"""How much longer than the rebalance timeout a JoinGroup is waited for (Kafka's Java client waits as long)."""
+
+
+def group_timeouts(settings: KafkaSettings) -> dict[str, int]:
+    """The consumer's rebalance timeout, and a request timeout that outlasts it.
+
+    The broker holds a JoinGroup response until every member has rejoined or the rebalance timeout has
+    passed: a member still draining the partitions it gives up (up to the delivery drain timeout), or one
+    killed with -9 and waited for until its session expires. aiokafka (0.14) has no JoinGroup timeout of
+    its own: every request on a connection, JoinGroup included, is given up after `request_timeout_ms`.
+    With aiokafka's defaults (40 s, against a rebalance timeout that is the session timeout, 45 s here) a
+    rebalance that waits longer than 40 s times the JoinGroup out: aiokafka closes the coordinator
+    connection, marks the coordinator dead, logs an ERROR, finds it again and sends the JoinGroup again.
+    So the request timeout is the rebalance timeout plus a margin, as Kafka's Java client waits for a
+    JoinGroup. The rebalance timeout stays what aiokafka makes it by default, the session timeout, and is
+    passed explicitly because the request timeout is derived from it. Only a member of the same group with
+    a longer rebalance timeout (a replica with a longer session timeout) can still make the broker hold
+    the response longer.
+    """
+    rebalance_timeout_ms = settings.session_timeout_ms
+    return {
+        "rebalance_timeout_ms": rebalance_timeout_ms,
+        "request_timeout_ms": max(AIOKAFKA_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + JOIN_GROUP_MARGIN_MS),
+    }
+
+
 def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
@@ -63,6 +92,7 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
+        **group_timeouts(settings),
         **security_options(settings),
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -254,8 +255,30 @@ async def test_the_consumer_never_auto_commits_and_takes_every_group_and_fetch_s
         "max_poll_records": 77,
         "fetch_max_bytes": 4096,
         "max_partition_fetch_bytes": 2048,
+        "rebalance_timeout_ms": 30_000,
+        "request_timeout_ms": 40_000,
         **security_options(settings),
     }
+
+
+@pytest.mark.parametrize("session_timeout_ms", [1_000, 6_000, 35_000, 45_000, 46_000, 120_000])
+async def test_a_join_group_held_for_the_whole_rebalance_timeout_does_not_time_out_on_the_client(
+    consumer_class: Recorder, session_timeout_ms: int
+) -> None:
+    """Read from the consumer aiokafka built: the rebalance timeout its JoinGroup requests carry (the broker
+    may hold the response that long) and the one timeout its connections give every request, JoinGroup
+    included. The second must outlast the first by Kafka's Java client's margin (5 s), and never drop
+    below aiokafka's own default, which the other requests (fetch, commit, heartbeat) keep."""
+    aiokafka_default = inspect.signature(AIOKafkaConsumer).parameters["request_timeout_ms"].default
+
+    build_consumer(kafka(session_timeout_ms=session_timeout_ms))
+
+    consumer = consumer_class.built[-1]
+    rebalance_timeout_ms = consumer._rebalance_timeout_ms
+    request_timeout_ms = consumer._client._request_timeout_ms
+    assert rebalance_timeout_ms == session_timeout_ms  # aiokafka's default for it, unchanged
+    assert request_timeout_ms >= rebalance_timeout_ms + 5_000
+    assert request_timeout_ms == max(aiokafka_default, rebalance_timeout_ms + 5_000)
 
 
 async def test_a_reader_joins_no_group_and_reads_from_the_start(consumer_class: Recorder) -> None:
