@@ -23,7 +23,9 @@ BOTH_SET = "secret_value_and_file"
 class Section(BaseModel):
     """A settings section: frozen, unknown fields and non-finite numbers refused, secrets optionally read from files."""
 
-    # A typo in a nested variable (BRIDGE_KAFKA__BOOTSRAP_SERVERS) must fail loudly, not be ignored.
+    # A typo must fail loudly, not be ignored: in a variable's name it is caught before validation
+    # (service/config/settings.py, _unknown_variables), in a section given as JSON
+    # (BRIDGE_KAFKA='{"bootsrap_servers": ...}') it is caught here.
     # Every float setting is a duration, a size or a rate: `inf`, `nan` and overflowing literals
     # (`1e309` reads as inf) would pass `gt=0` or fail it with a misleading bound, so they are refused
     # here for every section at once ("Input should be a finite number").

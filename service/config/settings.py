@@ -7,11 +7,12 @@ print. Each secret may instead come from a file (`BRIDGE_OPENLAYER__API_KEY_FILE
 re-reading (service/config/credentials.py). The sections live in kafka.py,
 apis.py and delivery.py. `load_settings` turns pydantic's errors into one message that names every
 bad setting by its environment variable, so an operator fixes them all in one go instead of one per
-restart.
+restart; a `BRIDGE_*` variable that names no setting is one of those problems.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -78,18 +79,61 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in loc)
 
 
-def _unknown_sections(environ: Mapping[str, str]) -> list[str]:
-    # pydantic-settings silently ignores BRIDGE_* names that match no section; a typo there would
-    # leave a default in force without a word, so name it.
-    known = {name.upper() for name in Settings.model_fields}
-    lines = []
+def _section_model(name: str) -> type[BaseModel] | None:
+    """The section model of the top-level field `name`, or None for a plain value (schemas_dir)."""
+    model = Settings.model_fields[name].annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _variables() -> tuple[list[str], list[str]]:
+    """The variables a setting is read from: (whole sections as JSON, one setting each), upper case."""
+    sections, settings = [], []
+    for name in Settings.model_fields:
+        model = _section_model(name)
+        if model is None:
+            settings.append(_env_name((name,)))
+        else:
+            sections.append(_env_name((name,)))
+            settings += [_env_name((name, field)) for field in model.model_fields]
+    return sections, settings
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> dict[str, str]:
+    """The BRIDGE_* variables that name no setting, each with the line that says so.
+
+    pydantic-settings ignores a name that matches no section, and one beneath a setting that is
+    itself set (BRIDGE_KAFKA__BOOTSTRAP_SERVERS__X); it blames the setting, not the variable, for
+    one beneath a setting that is not; and it reads one beneath a map (BRIDGE_TOPICS__DLQ_OVERRIDES__X)
+    as an entry with its key folded to lower case (names are case-insensitive), which would quietly
+    miss a mixed-case topic or a camelCase config key. Each would leave a setting other than the
+    operator meant, so every name must be exactly one of the variables.
+    """
+    sections, settings = _variables()
+    known = {*sections, *settings}
+    unknown = {}
     for key in environ:
         upper = key.upper()
-        if upper.startswith(ENV_PREFIX):
-            section = upper[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0]
-            if section not in known:
-                lines.append(f"  {upper}: unknown setting (sections: {', '.join(sorted(known))})")
-    return lines
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            unknown[key] = f"  {upper}: unknown setting{_hint(upper, settings)}"
+    return unknown
+
+
+def _hint(name: str, settings: list[str]) -> str:
+    """What the unknown variable `name` may have meant, in brackets, or nothing when no guess is good."""
+    parent = next((setting for setting in settings if name.startswith(setting + ENV_DELIMITER)), None)
+    if parent is not None:
+        whole = "its whole value as JSON" if parent in _json_variables() else "its whole value"
+        return f" ({parent} takes {whole}; nothing is read beneath it)"
+    # Compared without the prefix that every name shares, which would make any two look alike.
+    close = difflib.get_close_matches(
+        name.removeprefix(ENV_PREFIX), [setting.removeprefix(ENV_PREFIX) for setting in settings], n=1, cutoff=0.8
+    )
+    if close:
+        return f" (did you mean {ENV_PREFIX}{close[0]}?)"
+    section = name.removeprefix(ENV_PREFIX).split(ENV_DELIMITER, 1)[0]
+    if section.lower() not in Settings.model_fields:
+        return f" (sections: {', '.join(sorted(field.upper() for field in Settings.model_fields))})"
+    return ""
 
 
 def _describe(loc: tuple[int | str, ...], kind: str, message: str, ctx: dict[str, Any] | None) -> str:
@@ -107,10 +151,14 @@ def _describe(loc: tuple[int | str, ...], kind: str, message: str, ctx: dict[str
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the settings; `environ` replaces the process environment (tests, check-config)."""
     source = os.environ if environ is None else environ
-    lines = _unknown_sections(source)
+    unknown = _unknown_variables(source)
+    lines = list(unknown.values())
+    # An unknown name is reported once, above, and not read: pydantic would otherwise report it
+    # again or blame the setting it sits beneath.
+    known = {key: value for key, value in source.items() if key.upper().startswith(ENV_PREFIX) and key not in unknown}
     settings: Settings | None = None
     try:
-        settings = Settings() if environ is None else _from_mapping(environ)
+        settings = _from_mapping(known)
     except PydanticSettingsError as exc:
         # Raised before validation when a JSON-typed variable is not JSON; it names the field.
         field = re.search(r'field "(\w+)"', str(exc))
@@ -145,7 +193,7 @@ def _json_variables() -> list[str]:
 
 
 def _from_mapping(environ: Mapping[str, str]) -> Settings:
-    """Validate an explicit mapping with the same parsing rules as the real environment."""
+    """Validate a mapping (the process environment or a given one) with the real environment's parsing rules."""
 
     class _Explicit(Settings):
         @classmethod

@@ -33,6 +33,15 @@ def env(**overrides: str) -> dict[str, str]:
     return {**REQUIRED, **overrides}
 
 
+def _problems(environ: dict[str, str]) -> str:
+    """The settings error's message, or "" when the settings load."""
+    try:
+        load_settings(environ)
+    except SettingsError as error:
+        return str(error)
+    return ""
+
+
 def load_error(environ: dict[str, str]) -> str:
     with pytest.raises(SettingsError) as info:
         load_settings(environ)
@@ -191,7 +200,106 @@ def test_an_unknown_section_is_an_error(name: str) -> None:
 def test_an_unknown_nested_key_is_an_error(name: str) -> None:
     message = load_error(env(**{name: "1"}))
 
-    assert name in message
+    assert message.startswith(f"1 setting(s) invalid:\n  {name}: unknown setting"), message
+
+
+@pytest.mark.parametrize(
+    ("name", "parent"),
+    [
+        pytest.param("BRIDGE_KAFKA__BOOTSTRAP_SERVERS__X", "BRIDGE_KAFKA__BOOTSTRAP_SERVERS", id="beneath-a-set-one"),
+        pytest.param("BRIDGE_KAFKA__GROUP_ID__X", "BRIDGE_KAFKA__GROUP_ID", id="beneath-an-unset-one"),
+        pytest.param("BRIDGE_SCHEMAS_DIR__X", "BRIDGE_SCHEMAS_DIR", id="beneath-a-top-level-one"),
+        pytest.param("BRIDGE_DELIVERY__MAX_CONNECTIONS__0", "BRIDGE_DELIVERY__MAX_CONNECTIONS", id="beneath-a-number"),
+    ],
+)
+def test_a_variable_beneath_a_setting_is_an_error_naming_it(name: str, parent: str) -> None:
+    message = load_error(env(**{name: "foo"}))
+
+    # One problem: the variable itself, not the setting it sits beneath (whose value is fine or its default).
+    assert message == (
+        f"1 setting(s) invalid:\n  {name}: unknown setting ({parent} takes its whole value; nothing is read beneath it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "parent"),
+    [
+        pytest.param("BRIDGE_TOPICS__DLQ_OVERRIDES__INFERENCES", "BRIDGE_TOPICS__DLQ_OVERRIDES", id="topic-map"),
+        pytest.param("BRIDGE_OPENLAYER__PIPELINE_CONFIGS__P1", "BRIDGE_OPENLAYER__PIPELINE_CONFIGS", id="configs"),
+        pytest.param("bridge_openlayer__default_config__outputName", "BRIDGE_OPENLAYER__DEFAULT_CONFIG", id="key"),
+    ],
+)
+def test_a_variable_beneath_a_map_is_an_error_pointing_at_its_json(name: str, parent: str) -> None:
+    # Read as a map entry, its key would be folded to lower case (names are case-insensitive): a mixed-case topic
+    # or a camelCase config key would silently not match.
+    message = load_error(env(**{name: "foo"}))
+
+    assert message == (
+        f"1 setting(s) invalid:\n  {name.upper()}: unknown setting "
+        f"({parent} takes its whole value as JSON; nothing is read beneath it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        pytest.param("BRIDGE_KAFKA__BOOTSRAP_SERVERS", "BRIDGE_KAFKA__BOOTSTRAP_SERVERS", id="letter-missing"),
+        pytest.param("BRIDGE_KAFKA_BOOTSTRAP_SERVERS", "BRIDGE_KAFKA__BOOTSTRAP_SERVERS", id="single-underscore"),
+        pytest.param("BRIDGE_TOPIC__INFERENCES", "BRIDGE_TOPICS__INFERENCES", id="singular-section"),
+        pytest.param("BRIDGE_OPENLAYER__APIKEY", "BRIDGE_OPENLAYER__API_KEY", id="underscore-missing"),
+        pytest.param("BRIDGE_SCHEMA_DIR", "BRIDGE_SCHEMAS_DIR", id="top-level"),
+    ],
+)
+def test_a_misspelt_variable_names_the_nearest_setting(name: str, meant: str) -> None:
+    message = load_error(env(**{name: "1"}))
+
+    assert f"  {name}: unknown setting (did you mean {meant}?)" in message
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("BRIDGE_DELIVERY__MAX_RETRIES", id="no-such-setting"),
+        pytest.param("BRIDGE_KAFKA__", id="empty-setting"),
+        pytest.param("BRIDGE_RETRIES", id="no-such-section"),
+    ],
+)
+def test_an_unknown_variable_far_from_any_setting_suggests_none(name: str) -> None:
+    message = load_error(env(**{name: "1"}))
+
+    assert f"  {name}: unknown setting" in message
+    assert "did you mean" not in message
+
+
+def test_every_setting_variable_is_known() -> None:
+    # The check for unknown names must not refuse a real one: any value gives valid settings or other problems.
+    names = [f"BRIDGE_{section}".upper() for section in Settings.model_fields]
+    for section, info in Settings.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            names += [f"BRIDGE_{section}__{name}".upper() for name in info.annotation.model_fields]
+    assert len(names) > 50, names
+
+    for name in names:
+        assert "unknown setting" not in _problems(env(**{name: "x"})), name
+
+
+def test_a_whole_section_can_still_be_given_as_json() -> None:
+    settings = load_settings(env(BRIDGE_DELIVERY='{"max_connections": 7, "read_timeout_s": 2.5}'))
+
+    assert (settings.delivery.max_connections, settings.delivery.read_timeout_s) == (7, 2.5)
+
+
+def test_an_unknown_variable_in_the_process_environment_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("BRIDGE_"):
+            monkeypatch.delenv(name)
+    for name, value in env(BRIDGE_KAFKA__BOOTSTRAP_SERVERS__X="foo").items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+
+    assert str(info.value).startswith("1 setting(s) invalid:\n  BRIDGE_KAFKA__BOOTSTRAP_SERVERS__X: unknown setting")
 
 
 def test_an_empty_api_key_is_rejected() -> None:
