@@ -59,9 +59,9 @@ BROKER_UNREACHABLE: Final = "broker restarting or briefly unreachable; aiokafka 
 # aiokafka (0.14) ERROR records, by (logger, message template), that a broker restart, a group rebalance or
 # a dead member's replacement joining cause every time, and that aiokafka recovers from by itself:
 # - a coordinator request failing in transport ("Error sending JoinGroupRequest ... marking coordinator
-#   dead"): the broker went away mid-request, or a JoinGroup waited on a kill -9'd member past aiokafka's
-#   40 s request timeout (the rebalance timeout is the 45 s session timeout). aiokafka finds the
-#   coordinator again and rejoins;
+#   dead"): the broker went away mid-request. aiokafka finds the coordinator again and rejoins. (A
+#   JoinGroup held for a kill -9'd member no longer times out: service/kafka/clients.py sets the
+#   request timeout above the rebalance timeout.);
 # - connection failures while the broker is down. These are expected only for a while: see OUTAGE_AFTER_S.
 # Matching is by exact template, so a record aiokafka words differently passes through unchanged.
 EXPECTED_KAFKA_RECORDS: Final[Mapping[tuple[str, str], str]] = {

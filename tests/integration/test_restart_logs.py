@@ -170,10 +170,11 @@ async def test_a_member_killed_and_replaced_logs_no_error(
 ) -> None:
     """kill -9 one member and start its replacement, with the production session timeout.
 
-    The rebalance waits for the dead member until its session expires; aiokafka's JoinGroup request
-    times out first (40 s; its rebalance timeout is the session timeout) and it logs "Error sending
-    JoinGroupRequest ... marking coordinator dead" at ERROR, then rejoins. 46 s (45 s is the default) with
-    a heartbeat every 0.5 s keeps the join waiting past 40 s unless the replacement takes 5 s to start.
+    The rebalance waits for the dead member until its session expires. aiokafka gives JoinGroup no
+    timeout of its own, only the client's request timeout, so service/kafka/clients.py sets that above the
+    rebalance timeout (the session timeout): the join is held, not timed out and resent ("Error sending
+    JoinGroupRequest ... marking coordinator dead"). 46 s (45 s is the default) with a heartbeat every
+    0.5 s keeps the join waiting past aiokafka's default 40 s request timeout, which it used to outlast.
     """
     env = {**bridge_env, "BRIDGE_KAFKA__SESSION_TIMEOUT_MS": "46000", "BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS": "500"}
     drained = partial(_drained, kafka_bootstrap, env["BRIDGE_KAFKA__GROUP_ID"], topics)
@@ -197,5 +198,5 @@ async def test_a_member_killed_and_replaced_logs_no_error(
         assert replacement.terminate() == 0, c_log.read_text()[-3000:]
         assert first.terminate() == 0, a_log.read_text()[-3000:]
 
-    assert _lowered(a_log, JOIN_GROUP_SEND_FAILED) + _lowered(c_log, JOIN_GROUP_SEND_FAILED)
+    assert _lowered(a_log, JOIN_GROUP_SEND_FAILED) + _lowered(c_log, JOIN_GROUP_SEND_FAILED) == []
     assert _errors(a_log, b_log, c_log) == []
