@@ -36,7 +36,11 @@ class KafkaSettings(Section):
     ssl_certfile: str | None = Field(default=None, description="PEM client certificate, for mutual TLS")
     ssl_keyfile: str | None = Field(default=None, description="PEM client key, for mutual TLS")
     session_timeout_ms: int = Field(default=45_000, ge=1_000, description="a silent member leaves the group after this")
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="group heartbeat period")
+    heartbeat_interval_ms: int = Field(
+        default=3_000,
+        ge=100,
+        description="group heartbeat period; below session_timeout_ms, a third of it at most advised",
+    )
     max_poll_interval_ms: int = Field(
         default=300_000, ge=1_000, description="longest gap between polls; the loop polls even while paused"
     )

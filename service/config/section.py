@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit
@@ -11,6 +14,7 @@ from pydantic import (
     ConfigDict,
     ModelWrapValidatorHandler,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -18,6 +22,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from service.config.credentials import SecretFileError, read_secret_file
 
 BOTH_SET = "secret_value_and_file"
+NON_FINITE_JSON = "non_finite_json"
+_PATHS_SHOWN = 3
 
 
 class Section(BaseModel):
@@ -34,6 +40,28 @@ class Section(BaseModel):
     # Secret fields that may come from a file instead: the sibling `<name>_file` holds the path,
     # and the file is read here so `<name>` holds the secret either way and its readers need not care.
     _file_backed: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _json_finite(cls, value: Any) -> Any:
+        # Python's JSON reader (which pydantic-settings uses) takes NaN, Infinity and -Infinity, and reads an
+        # overflowing literal (1e309) as Infinity; `allow_inf_nan` above refuses them only where a float is
+        # declared. Inside free-form JSON (the Openlayer configs: dict[str, Any]) they would be kept, and the API
+        # payload encoder (orjson, service/apis/json.py) writes them as null: the API would get a config other
+        # than the one given, silently. So they are refused here, for every JSON setting, with where they are.
+        if not isinstance(value, dict | list):
+            return value
+        found = list(_non_finite(value, ""))
+        if not found:
+            return value
+        shown = ", ".join(f"{_json_literal(number)} at {path}" for path, number in found[:_PATHS_SHOWN])
+        more = f" and {len(found) - _PATHS_SHOWN} more" if len(found) > _PATHS_SHOWN else ""
+        raise PydanticCustomError(
+            NON_FINITE_JSON,
+            "JSON numbers must be finite, got {found}: NaN, Infinity and -Infinity (and literals too large for a "
+            "double, such as 1e309) would reach the API as null",
+            {"found": shown + more},
+        )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -82,6 +110,23 @@ class Section(BaseModel):
                 if not (error["type"] == "missing" and len(error["loc"]) == 1 and error["loc"][0] in unreadable)
             )
         raise ValidationError.from_exception_data(cls.__name__, problems)
+
+
+def _non_finite(value: Any, path: str) -> Iterator[tuple[str, float]]:
+    """Every NaN or infinite float in a JSON value, with its path (`["pipe-1"]["temperature"]`, on one line)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}[{json.dumps(key)}]")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite(item, f"{path}[{index}]")
+
+
+def _json_literal(number: float) -> str:
+    """How JSON (Python's reader) spells a non-finite number."""
+    return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
 
 
 def http_url(value: str) -> str:

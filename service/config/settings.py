@@ -25,6 +25,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -69,6 +70,44 @@ class Settings(BaseSettings):
             for name in ("kafka", "openlayer", "humanloop"):
                 data.setdefault(name, {})
         return data
+
+    @model_validator(mode="after")
+    def _group_timeouts(self) -> Settings:
+        # Checks between settings; they run once every section is valid on its own. Here and not in KafkaSettings:
+        # the Kafka client factory's tests (tests/unit/kafka/test_clients.py) build sections with any session.
+        problems = _group_timeout_problems(self)
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+
+def _group_timeout_problems(settings: Settings) -> list[InitErrorDetails]:
+    kafka = settings.kafka
+    session_ms, heartbeat_ms = kafka.session_timeout_ms, kafka.heartbeat_interval_ms
+    problems = []
+    # At or above the session timeout the broker expires the member between two heartbeats. Kafka recommends at
+    # most a third (a heartbeat or two may be late or lost), but that is advice, not a failure: above a third and
+    # below the session, a member whose heartbeats all arrive stays, so it is documented, not refused.
+    if heartbeat_ms >= session_ms:
+        problems.append(
+            _problem(
+                ("kafka", "heartbeat_interval_ms"),
+                "{heartbeat} ms must be below BRIDGE_KAFKA__SESSION_TIMEOUT_MS ({session} ms), or the broker drops "
+                "this member from the group between two heartbeats; Kafka recommends at most a third of it",
+                heartbeat=heartbeat_ms,
+                session=session_ms,
+            )
+        )
+    return problems
+
+
+def _problem(loc: tuple[str, ...], message: str, **values: object) -> InitErrorDetails:
+    """One problem of the settings, named by the variable at `loc` (see `_describe`)."""
+    return InitErrorDetails(
+        type=PydanticCustomError("settings_conflict", message, values),
+        loc=loc,
+        input=None,
+    )
 
 
 class SettingsError(Exception):

@@ -458,6 +458,107 @@ def test_malformed_json_is_a_settings_error_naming_the_variable() -> None:
     assert "BRIDGE_OPENLAYER" in message
 
 
+NON_FINITE_TAIL = (
+    ": NaN, Infinity and -Infinity (and literals too large for a double, such as 1e309) would reach the API as null"
+)
+
+
+@pytest.mark.parametrize(
+    ("literal", "read_as"),
+    [
+        ("NaN", "NaN"),
+        ("Infinity", "Infinity"),
+        ("-Infinity", "-Infinity"),
+        ("1e309", "Infinity"),
+        ("-2e400", "-Infinity"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("name", "template", "path"),
+    [
+        pytest.param(
+            "BRIDGE_OPENLAYER__PIPELINE_CONFIGS",
+            '{"pipe-1": {"outputColumnName": "o", "prompt": [{"role": "user", "temperature": %s}]}}',
+            '["pipe-1"]["prompt"][0]["temperature"]',
+            id="pipeline-configs",
+        ),
+        pytest.param("BRIDGE_OPENLAYER__DEFAULT_CONFIG", '{"threshold": %s}', '["threshold"]', id="default-config"),
+    ],
+)
+def test_a_non_finite_number_in_a_json_config_is_refused_with_its_path(
+    name: str, template: str, path: str, literal: str, read_as: str
+) -> None:
+    # Python's JSON reader takes these; orjson would send them to the API as null (service/apis/json.py).
+    message = load_error(env(**{name: template % literal}))
+
+    assert (
+        message
+        == f"1 setting(s) invalid:\n  {name}: JSON numbers must be finite, got {read_as} at {path}{NON_FINITE_TAIL}"
+    )
+
+
+def test_a_non_finite_number_in_a_config_of_a_section_given_as_json_is_named() -> None:
+    message = load_error(env(BRIDGE_OPENLAYER=json.dumps({"default_config": {"a": [1, 2]}}).replace("2", "NaN")))
+
+    assert message == (
+        f"1 setting(s) invalid:\n  BRIDGE_OPENLAYER__DEFAULT_CONFIG: JSON numbers must be finite, got NaN at "
+        f'["a"][1]{NON_FINITE_TAIL}'
+    )
+
+
+def test_every_non_finite_number_is_counted_and_the_first_ones_shown() -> None:
+    configs = '{"p1": {"a": NaN, "b": 1.5, "c": Infinity}, "p2": {"line\\nbreak": -Infinity, "e": NaN, "f": NaN}}'
+
+    message = load_error(env(BRIDGE_OPENLAYER__PIPELINE_CONFIGS=configs))
+
+    assert message == (
+        "1 setting(s) invalid:\n  BRIDGE_OPENLAYER__PIPELINE_CONFIGS: JSON numbers must be finite, got "
+        'NaN at ["p1"]["a"], Infinity at ["p1"]["c"], -Infinity at ["p2"]["line\\nbreak"] and 2 more'
+        f"{NON_FINITE_TAIL}"
+    )
+
+
+def test_finite_numbers_in_json_configs_are_kept() -> None:
+    default = {"big": 1e308, "small": -1e-308, "zero": 0.0, "nested": [{"x": 1.5}], "none": None}
+
+    settings = load_settings(env(BRIDGE_OPENLAYER__DEFAULT_CONFIG=json.dumps(default)))
+
+    assert settings.openlayer.default_config == default
+
+
+def _json_setting_variables() -> list[str]:
+    """Every variable of a dict or list setting, found from the model so that a new one is covered too."""
+    names = []
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, field in model.model_fields.items():
+                if "dict[" in str(field.annotation) or "list[" in str(field.annotation):
+                    names.append(f"BRIDGE_{section}__{name}".upper())
+    return names
+
+
+JSON_VARIABLES = _json_setting_variables()
+
+
+def test_the_json_settings_are_found() -> None:
+    assert {
+        "BRIDGE_OPENLAYER__PIPELINE_CONFIGS",
+        "BRIDGE_OPENLAYER__DEFAULT_CONFIG",
+        "BRIDGE_TOPICS__DLQ_OVERRIDES",
+    } <= set(JSON_VARIABLES)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e309"])
+@pytest.mark.parametrize("name", JSON_VARIABLES)
+def test_no_json_setting_takes_a_non_finite_number(name: str, literal: str) -> None:
+    # Wherever the number sits (a map's value, or one level down for a map of configs), the variable is named.
+    for value in (f'{{"k": {literal}}}', f'{{"k": {{"k": {literal}}}}}'):
+        message = load_error(env(**{name: value}))
+
+        assert message.startswith("1 setting(s) invalid:\n  " + name), message
+
+
 @pytest.mark.parametrize(
     "sasl",
     [
@@ -545,6 +646,64 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         settings.kafka.group_id = "changed"  # type: ignore[misc]
+
+
+# --- the consumer group's timeouts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("session", "heartbeat"),
+    [
+        pytest.param(45_000, 45_000, id="equal"),
+        pytest.param(45_000, 45_001, id="just-above"),
+        pytest.param(6_000, 60_000, id="far-above"),
+        pytest.param(1_000, 3_000, id="short-session-default-heartbeat"),
+    ],
+)
+def test_a_heartbeat_interval_not_below_the_session_timeout_is_refused_naming_both(
+    session: int, heartbeat: int
+) -> None:
+    message = load_error(
+        env(BRIDGE_KAFKA__SESSION_TIMEOUT_MS=str(session), BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS=str(heartbeat))
+    )
+
+    assert message == (
+        f"1 setting(s) invalid:\n  BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS: {heartbeat} ms must be below "
+        f"BRIDGE_KAFKA__SESSION_TIMEOUT_MS ({session} ms), or the broker drops this member from the group between "
+        "two heartbeats; Kafka recommends at most a third of it"
+    )
+
+
+def test_a_heartbeat_interval_of_a_section_given_as_json_is_checked_too() -> None:
+    message = load_error(env(BRIDGE_KAFKA='{"bootstrap_servers": "b:9092", "session_timeout_ms": 2000}'))
+
+    assert (
+        "  BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS: 3000 ms must be below BRIDGE_KAFKA__SESSION_TIMEOUT_MS (2000 ms)"
+        in (message)
+    )
+
+
+@pytest.mark.parametrize(
+    ("session", "heartbeat"),
+    [
+        pytest.param(45_000, 44_999, id="just-below"),
+        pytest.param(45_000, 15_001, id="above-a-third-is-advice-only"),
+        pytest.param(6_000, 500, id="tests-support-bridge"),
+        pytest.param(46_000, 500, id="test-restart-logs"),
+    ],
+)
+def test_a_heartbeat_interval_below_the_session_timeout_loads(session: int, heartbeat: int) -> None:
+    kafka = load_settings(
+        env(BRIDGE_KAFKA__SESSION_TIMEOUT_MS=str(session), BRIDGE_KAFKA__HEARTBEAT_INTERVAL_MS=str(heartbeat))
+    ).kafka
+
+    assert (kafka.session_timeout_ms, kafka.heartbeat_interval_ms) == (session, heartbeat)
+
+
+def test_the_default_group_timeouts_load() -> None:
+    kafka = load_settings(env()).kafka
+
+    assert (kafka.session_timeout_ms, kafka.heartbeat_interval_ms) == (45_000, 3_000)
 
 
 # --- python -m service check-config ----------------------------------------------------------------------------
