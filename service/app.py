@@ -230,7 +230,7 @@ async def start_consumer_loop(
 ) -> ConsumerLoop:
     """The Kafka consumer, started, and the loop that hands its records to the pipeline."""
     delivery = settings.delivery
-    consumer = build_consumer(settings.kafka)
+    consumer = build_consumer(settings.kafka, drain_timeout_s=delivery.drain_timeout_s)
     stack.push_async_callback(consumer.stop)
     await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
     return ConsumerLoop(

@@ -5,6 +5,7 @@ Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both 
 
 from __future__ import annotations
 
+import math
 import ssl
 from typing import Any, Final
 
@@ -54,32 +55,36 @@ AIOKAFKA_REQUEST_TIMEOUT_MS: Final = 40_000
 """aiokafka's own default request timeout: what every request but JoinGroup needs, kept as the floor."""
 JOIN_GROUP_MARGIN_MS: Final = 5_000
 """How much longer than the rebalance timeout a JoinGroup is waited for (Kafka's Java client waits as long)."""
+DRAIN_COMMIT_MARGIN_MS: Final = 5_000
+"""Time after a drain for its commit and the JoinGroup that follows, within the rebalance timeout."""
 
 
-def group_timeouts(settings: KafkaSettings) -> dict[str, int]:
-    """The consumer's rebalance timeout, and a request timeout that outlasts it.
+def group_timeouts(settings: KafkaSettings, drain_timeout_s: float) -> dict[str, int]:
+    """The consumer's rebalance timeout, long enough for a drain, and a request timeout that outlasts it.
 
     The broker holds a JoinGroup response until every member has rejoined or the rebalance timeout has
-    passed: a member still draining the partitions it gives up (up to the delivery drain timeout), or one
-    killed with -9 and waited for until its session expires. aiokafka (0.14) has no JoinGroup timeout of
-    its own: every request on a connection, JoinGroup included, is given up after `request_timeout_ms`.
-    With aiokafka's defaults (40 s, against a rebalance timeout that is the session timeout, 45 s here) a
-    rebalance that waits longer than 40 s times the JoinGroup out: aiokafka closes the coordinator
-    connection, marks the coordinator dead, logs an ERROR, finds it again and sends the JoinGroup again.
-    So the request timeout is the rebalance timeout plus a margin, as Kafka's Java client waits for a
-    JoinGroup. The rebalance timeout stays what aiokafka makes it by default, the session timeout, and is
-    passed explicitly because the request timeout is derived from it. Only a member of the same group with
-    a longer rebalance timeout (a replica with a longer session timeout) can still make the broker hold
-    the response longer.
+    passed. A member giving up partitions rejoins only after draining them (up to `drain_timeout_s`,
+    service/kafka/consumer.py `release`) and committing: a rebalance timeout shorter than that would
+    drop it from the group mid-drain, refuse its commit and start another rebalance, so the timeout is
+    the session timeout (aiokafka's default for it) or the drain plus a margin, whichever is longer. A
+    member killed with -9 is not waited for that long: the broker drops it when its session expires.
+
+    aiokafka (0.14) has no JoinGroup timeout of its own: every request on a connection, JoinGroup
+    included, is given up after `request_timeout_ms` (40 s by default). A rebalance that waited longer
+    timed the JoinGroup out: aiokafka closed the coordinator connection, marked the coordinator dead,
+    logged an ERROR, found it again and sent the JoinGroup again. So the request timeout is the
+    rebalance timeout plus a margin, as Kafka's Java client waits for a JoinGroup. Only a member of the
+    same group with a longer rebalance timeout can still make the broker hold the response longer.
     """
-    rebalance_timeout_ms = settings.session_timeout_ms
+    drain_ms = math.ceil(drain_timeout_s * 1000) + DRAIN_COMMIT_MARGIN_MS
+    rebalance_timeout_ms = max(settings.session_timeout_ms, drain_ms)
     return {
         "rebalance_timeout_ms": rebalance_timeout_ms,
         "request_timeout_ms": max(AIOKAFKA_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + JOIN_GROUP_MARGIN_MS),
     }
 
 
-def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
+def build_consumer(settings: KafkaSettings, *, drain_timeout_s: float) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=settings.group_id,
@@ -92,7 +97,7 @@ def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        **group_timeouts(settings),
+        **group_timeouts(settings, drain_timeout_s),
         **security_options(settings),
     )
 
