@@ -27,7 +27,7 @@ from service.http.batching import Batcher
 from service.http.breaker import BreakerState, Fault
 from service.http.client import build_http_client
 from service.http.delivery import Delivery, Guard, build_guard
-from service.kafka.clients import KafkaDeadLetterProducer, build_consumer
+from service.kafka.clients import KafkaDeadLetterProducer, build_consumer, revoke_drain_s
 from service.kafka.consumer import ConsumerLoop, LoopSettings
 from service.kafka.deadletter import DeadLetterWriter
 from service.ops.health import HealthState, OpsServer
@@ -230,7 +230,7 @@ async def start_consumer_loop(
 ) -> ConsumerLoop:
     """The Kafka consumer, started, and the loop that hands its records to the pipeline."""
     delivery = settings.delivery
-    consumer = build_consumer(settings.kafka, drain_timeout_s=delivery.drain_timeout_s)
+    consumer = build_consumer(settings.kafka)
     stack.push_async_callback(consumer.stop)
     await _start_kafka_client(consumer.start(), settings.kafka.bootstrap_servers)
     return ConsumerLoop(
@@ -243,6 +243,7 @@ async def start_consumer_loop(
             max_uncommitted_per_partition=delivery.max_uncommitted_per_partition,
             commit_interval_s=settings.kafka.commit_interval_s,
             drain_timeout_s=delivery.drain_timeout_s,
+            revoke_drain_timeout_s=revoke_drain_s(settings.kafka, delivery.drain_timeout_s),
             max_poll_records=settings.kafka.max_poll_records,
         ),
         metrics,

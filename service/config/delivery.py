@@ -57,7 +57,11 @@ class DeliverySettings(Section):
         ge=1,
         description="records from the oldest one not done on (what a crash repeats); above it the partition pauses",
     )
-    drain_timeout_s: float = Field(default=20.0, gt=0, description="bounded wait for in-flight calls on stop")
+    drain_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="bounded wait for in-flight calls on stop; on a revoke at most the session timeout less 5 s",
+    )
     breaker_failure_rate: float = Field(
         default=0.5, gt=0, le=1, description="share of failed calls in the last 10 s that opens a destination's breaker"
     )

@@ -5,7 +5,6 @@ Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both 
 
 from __future__ import annotations
 
-import math
 import ssl
 from typing import Any, Final
 
@@ -55,36 +54,52 @@ AIOKAFKA_REQUEST_TIMEOUT_MS: Final = 40_000
 """aiokafka's own default request timeout: what every request but JoinGroup needs, kept as the floor."""
 JOIN_GROUP_MARGIN_MS: Final = 5_000
 """How much longer than the rebalance timeout a JoinGroup is waited for (Kafka's Java client waits as long)."""
-DRAIN_COMMIT_MARGIN_MS: Final = 5_000
-"""Time after a drain for its commit and the JoinGroup that follows, within the rebalance timeout."""
 
 
-def group_timeouts(settings: KafkaSettings, drain_timeout_s: float) -> dict[str, int]:
-    """The consumer's rebalance timeout, long enough for a drain, and a request timeout that outlasts it.
+def group_timeouts(settings: KafkaSettings) -> dict[str, int]:
+    """The consumer's rebalance timeout, and a request timeout that outlasts it.
 
     The broker holds a JoinGroup response until every member has rejoined or the rebalance timeout has
-    passed. A member giving up partitions rejoins only after draining them (up to `drain_timeout_s`,
-    service/kafka/consumer.py `release`) and committing: a rebalance timeout shorter than that would
-    drop it from the group mid-drain, refuse its commit and start another rebalance, so the timeout is
-    the session timeout (aiokafka's default for it) or the drain plus a margin, whichever is longer. A
-    member killed with -9 is not waited for that long: the broker drops it when its session expires.
-
-    aiokafka (0.14) has no JoinGroup timeout of its own: every request on a connection, JoinGroup
-    included, is given up after `request_timeout_ms` (40 s by default). A rebalance that waited longer
-    timed the JoinGroup out: aiokafka closed the coordinator connection, marked the coordinator dead,
-    logged an ERROR, found it again and sent the JoinGroup again. So the request timeout is the
-    rebalance timeout plus a margin, as Kafka's Java client waits for a JoinGroup. Only a member of the
-    same group with a longer rebalance timeout can still make the broker hold the response longer.
+    passed: a member still draining the partitions it gives up (up to the delivery drain timeout), or one
+    killed with -9 and waited for until its session expires. aiokafka (0.14) has no JoinGroup timeout of
+    its own: every request on a connection, JoinGroup included, is given up after `request_timeout_ms`.
+    With aiokafka's defaults (40 s, against a rebalance timeout that is the session timeout, 45 s here) a
+    rebalance that waits longer than 40 s times the JoinGroup out: aiokafka closes the coordinator
+    connection, marks the coordinator dead, logs an ERROR, finds it again and sends the JoinGroup again.
+    So the request timeout is the rebalance timeout plus a margin, as Kafka's Java client waits for a
+    JoinGroup. The rebalance timeout stays what aiokafka makes it by default, the session timeout, and is
+    passed explicitly because the request timeout is derived from it. Only a member of the same group with
+    a longer rebalance timeout (a replica with a longer session timeout) can still make the broker hold
+    the response longer.
     """
-    drain_ms = math.ceil(drain_timeout_s * 1000) + DRAIN_COMMIT_MARGIN_MS
-    rebalance_timeout_ms = max(settings.session_timeout_ms, drain_ms)
+    rebalance_timeout_ms = settings.session_timeout_ms
     return {
         "rebalance_timeout_ms": rebalance_timeout_ms,
         "request_timeout_ms": max(AIOKAFKA_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + JOIN_GROUP_MARGIN_MS),
     }
 
 
-def build_consumer(settings: KafkaSettings, *, drain_timeout_s: float) -> AIOKafkaConsumer:
+REJOIN_MARGIN_S: Final = 5.0
+"""What a member giving up partitions keeps of the rebalance timeout for its commit and its JoinGroup."""
+
+
+def revoke_drain_s(settings: KafkaSettings, drain_timeout_s: float) -> float:
+    """How long a revoke waits for the revoked partitions' calls in flight: the drain timeout, but never so long that
+    the member misses the rebalance.
+
+    The broker waits for a member giving up partitions at most the rebalance timeout (`group_timeouts`), and the
+    member rejoins only after draining and committing them (service/kafka/consumer.py `release`). Past that
+    timeout the group goes on without it, its commit is refused, everything it finished is delivered again by
+    the next owner, and its rejoining starts another rebalance. With the default session timeout (45 s) the
+    whole drain (20 s) fits; with a short one (6 s, for a quick failover) the revoke drains for 1 s: calls
+    still in flight then are cancelled and read again by the partition's next owner, as after any drain.
+    A stop (SIGTERM) leaves the group afterwards and drains for the whole `drain_timeout_s`.
+    """
+    budget_s = group_timeouts(settings)["rebalance_timeout_ms"] / 1000 - REJOIN_MARGIN_S
+    return max(0.0, min(drain_timeout_s, budget_s))
+
+
+def build_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=settings.group_id,
@@ -97,7 +112,7 @@ def build_consumer(settings: KafkaSettings, *, drain_timeout_s: float) -> AIOKaf
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
-        **group_timeouts(settings, drain_timeout_s),
+        **group_timeouts(settings),
         **security_options(settings),
     )
 

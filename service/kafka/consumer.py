@@ -44,6 +44,9 @@ class LoopSettings:
     poll_timeout_ms: int = 200
     commit_after_records: int = 1000
     """Commit before the timer once a partition's done prefix moved this far: a kill repeats less."""
+    revoke_drain_timeout_s: float | None = None
+    """The drain of a revoke, kept within the group's rebalance (service/kafka/clients.py `revoke_drain_s`);
+    None: `drain_timeout_s`, as a stop."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -51,7 +54,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        await self._loop.release(revoked)
+        await self._loop.release(revoked, revoke=True)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
         if self._loop.health.stopping:
@@ -225,12 +228,14 @@ class ConsumerLoop:
             if highwater is not None and done is not None:
                 self._instrumentation.record_lag(tp.topic, tp.partition, max(0, highwater - done))
 
-    async def release(self, partitions: Collection[TopicPartition]) -> None:
-        """Drain and commit `partitions` (revoke or stop); afterwards they are no longer ours."""
+    async def release(self, partitions: Collection[TopicPartition], *, revoke: bool = False) -> None:
+        """Drain and commit `partitions` (a revoke, or a stop); afterwards they are no longer ours."""
         workers = {tp: self._workers.pop(tp) for tp in partitions if tp in self._workers}
         if not workers:
             return
-        await asyncio.gather(*(w.stop(self._settings.drain_timeout_s) for w in workers.values()))
+        s = self._settings
+        timeout_s = s.revoke_drain_timeout_s if revoke and s.revoke_drain_timeout_s is not None else s.drain_timeout_s
+        await asyncio.gather(*(w.stop(timeout_s) for w in workers.values()))
         await self._commit(workers)
         for tp in workers:
             self._committed.pop(tp, None)

@@ -28,6 +28,8 @@ from service.kafka.clients import (
     build_consumer,
     build_durable_producer,
     build_reader,
+    group_timeouts,
+    revoke_drain_s,
     security_options,
     to_source_record,
 )
@@ -241,7 +243,7 @@ async def test_the_consumer_never_auto_commits_and_takes_every_group_and_fetch_s
         max_partition_fetch_bytes=2048,
     )
 
-    build_consumer(settings, drain_timeout_s=20.0)
+    build_consumer(settings)
 
     assert consumer_class.kwargs == {
         "bootstrap_servers": "broker-1:9092,broker-2:9092",
@@ -262,28 +264,46 @@ async def test_the_consumer_never_auto_commits_and_takes_every_group_and_fetch_s
 
 
 @pytest.mark.parametrize("session_timeout_ms", [1_000, 6_000, 35_000, 45_000, 46_000, 120_000])
-@pytest.mark.parametrize("drain_timeout_s", [0.001, 5.0, 20.0, 39.9995, 40.0, 120.0])
 async def test_a_join_group_held_for_the_whole_rebalance_timeout_does_not_time_out_on_the_client(
-    consumer_class: Recorder, session_timeout_ms: int, drain_timeout_s: float
+    consumer_class: Recorder, session_timeout_ms: int
 ) -> None:
     """Read from the consumer aiokafka built: the rebalance timeout its JoinGroup requests carry (the broker
     may hold the response that long) and the one timeout its connections give every request, JoinGroup
-    included. The rebalance timeout covers a drain and its commit (5 s) and is never below the session
-    timeout; the request timeout outlasts it by Kafka's Java client's margin (5 s), and never drops below
-    aiokafka's own default, which the other requests (fetch, commit, heartbeat) keep."""
+    included. The second must outlast the first by Kafka's Java client's margin (5 s), and never drop
+    below aiokafka's own default, which the other requests (fetch, commit, heartbeat) keep."""
     aiokafka_default = inspect.signature(AIOKafkaConsumer).parameters["request_timeout_ms"].default
 
-    build_consumer(kafka(session_timeout_ms=session_timeout_ms), drain_timeout_s=drain_timeout_s)
+    build_consumer(kafka(session_timeout_ms=session_timeout_ms))
 
     consumer = consumer_class.built[-1]
     rebalance_timeout_ms = consumer._rebalance_timeout_ms
     request_timeout_ms = consumer._client._request_timeout_ms
-    assert rebalance_timeout_ms >= session_timeout_ms
-    assert rebalance_timeout_ms >= drain_timeout_s * 1000 + 5_000
-    # No longer than it must be: one of the two bounds is met exactly (to the millisecond above the drain).
-    assert rebalance_timeout_ms == session_timeout_ms or rebalance_timeout_ms < drain_timeout_s * 1000 + 5_001
+    assert rebalance_timeout_ms == session_timeout_ms  # aiokafka's default for it, unchanged
     assert request_timeout_ms >= rebalance_timeout_ms + 5_000
     assert request_timeout_ms == max(aiokafka_default, rebalance_timeout_ms + 5_000)
+
+
+@pytest.mark.parametrize(
+    ("session_timeout_ms", "drain_timeout_s", "expected_s"),
+    [
+        (45_000, 20.0, 20.0),  # the defaults: the whole drain fits the rebalance
+        (45_000, 60.0, 40.0),  # a longer drain is cut to what the rebalance leaves after the rejoin margin
+        (6_000, 20.0, 1.0),  # a short session for a quick failover: a short revoke drain
+        (6_000, 0.5, 0.5),
+        (5_000, 20.0, 0.0),  # no time left for a drain at all: calls in flight are cancelled at once
+        (1_000, 20.0, 0.0),
+    ],
+)
+def test_a_revoke_drains_only_as_long_as_the_rebalance_waits_for_the_member(
+    session_timeout_ms: int, drain_timeout_s: float, expected_s: float
+) -> None:
+    settings = kafka(session_timeout_ms=session_timeout_ms)
+    drain_s = revoke_drain_s(settings, drain_timeout_s)
+
+    assert drain_s == pytest.approx(expected_s)
+    assert drain_s <= drain_timeout_s
+    rebalance_s = group_timeouts(settings)["rebalance_timeout_ms"] / 1000
+    assert drain_s == 0.0 or drain_s + 5.0 <= rebalance_s  # room left to commit and rejoin
 
 
 async def test_a_reader_joins_no_group_and_reads_from_the_start(consumer_class: Recorder) -> None:
@@ -314,7 +334,7 @@ async def test_no_secret_in_the_settings_repr_or_in_what_building_the_clients_lo
     assert PASSWORD not in str(settings)
 
     with caplog.at_level(logging.DEBUG):
-        build_consumer(settings, drain_timeout_s=20.0)
+        build_consumer(settings)
         build_reader(settings, role="replay")
         build_durable_producer(settings, role="dlq", send_timeout_s=1.0)
         for client in consumer_class.built + producer_class.built:

@@ -564,6 +564,33 @@ async def test_a_record_finishing_within_the_revoke_drain_is_committed(benches: 
     assert consumer.commits == [{TP: 4}]
 
 
+async def test_a_revoke_drains_for_its_own_timeout_not_the_stops(benches: Benches) -> None:
+    # A revoke must end within the group's rebalance (service/kafka/clients.py revoke_drain_s), however long a stop
+    # may drain: with the stop's hour it would never return here, as its record never settles.
+    consumer, outcomes = FakeConsumer(TP, TP1), Outcomes(held=[(TP, 1)])
+    consumer.feed(TP, 0, 3)
+    bench = benches(consumer, outcomes, drain_timeout_s=3600.0, revoke_drain_timeout_s=0.01)
+    await consumer.until(lambda: outcomes.started(TP) == 3)
+
+    await asyncio.wait_for(consumer.revoke(TP), 60)
+
+    assert outcomes.future(TP, 1).cancelled(), "cancelled at the revoke's drain; its next owner delivers it"
+    assert consumer.commits == [{TP: 1}]
+    await bench.stopped()
+
+
+async def test_a_stop_drains_for_the_drain_timeout_not_the_revokes(benches: Benches) -> None:
+    consumer, outcomes = FakeConsumer(TP), Outcomes(held=[(TP, 1)])
+    consumer.feed(TP, 0, 3)
+    bench = benches(consumer, outcomes, drain_timeout_s=0.01, revoke_drain_timeout_s=3600.0)
+    await consumer.until(lambda: outcomes.started(TP) == 3)
+
+    await bench.stopped()  # with the revoke's hour it would not return: 1 never settles
+
+    assert outcomes.future(TP, 1).cancelled()
+    assert consumer.commits == [{TP: 1}]
+
+
 async def test_a_partition_assigned_again_after_a_revoke_is_consumed_and_committed_again(benches: Benches) -> None:
     consumer, outcomes = FakeConsumer(TP), Outcomes()
     consumer.feed(TP, 0, 4)
