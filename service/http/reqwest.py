@@ -66,6 +66,7 @@ class PyreqwestClient:
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> None:
         configure_runtime()
         self._timeouts = LastTimeout(lambda s: timedelta(seconds=s), timedelta(seconds=read_timeout_s))
+        self._read_timeout_s = read_timeout_s
         self._client = (
             ClientBuilder()
             .runtime_multithreaded(True)
@@ -106,7 +107,7 @@ class PyreqwestClient:
             response = await request.build().send()
             content = bytes(await response.bytes())
         except RequestTimeoutError as exc:  # connect, read and total timeouts alike
-            raise TransportFailure("timeout", type(exc).__name__) from exc
+            raise TransportFailure("timeout", _no_answer(timeout_s, self._read_timeout_s)) from exc
         except ConnectError as exc:
             kind = "connect" if _in_connect_phase(exc) else "reset"
             raise TransportFailure(kind, _message(exc)) from exc
@@ -119,6 +120,14 @@ class PyreqwestClient:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _no_answer(timeout_s: float | None, read_timeout_s: float) -> str:
+    """What a timeout says in logs. pyreqwest names every timeout `ConnectTimeoutError` ("connection timeout"),
+    a response that never came included, which would send an operator looking at the network for a slow API."""
+    if timeout_s is None:
+        return f"no answer within the configured timeouts (read: {read_timeout_s:g} s)"
+    return f"no answer within the attempt timeout ({timeout_s:g} s)"
 
 
 def _in_connect_phase(exc: ConnectError) -> bool:
