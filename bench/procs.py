@@ -56,29 +56,43 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-class Sink:
-    """`python -m bench.sink` as a child process, and a client for its control calls."""
+class _Child:
+    """A pinned child process with its stderr in a log file, ready once it printed a line starting with `ready`."""
 
-    def __init__(self, cpus: str | None, log_path: Path) -> None:
+    def __init__(self, argv: list[str], cpus: str | None, log_path: Path, ready: str, what: str) -> None:
         self._log = log_path.open("wb")
         self._proc = subprocess.Popen(
-            pinned(cpus, [sys.executable, "-m", "bench.sink", "--port", "0"]),
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
+            pinned(cpus, [sys.executable, *argv]), stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL
         )
         assert self._proc.stdout is not None
-        line = self._proc.stdout.readline().decode()
-        if not line.startswith("LISTENING "):
+        self.ready_line = self._proc.stdout.readline().decode()
+        if not self.ready_line.startswith(ready):
             self.stop()
-            raise RuntimeError(f"the sink did not start; see {log_path}")
-        self.port = int(line.split()[1])
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._session: aiohttp.ClientSession | None = None
+            raise RuntimeError(f"{what} did not start; see {log_path}")
 
     @property
     def pid(self) -> int:
         return self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+class Sink(_Child):
+    """`python -m bench.sink` as a child process, and a client for its control calls."""
+
+    def __init__(self, cpus: str | None, log_path: Path) -> None:
+        super().__init__(["-m", "bench.sink", "--port", "0"], cpus, log_path, "LISTENING ", "the sink")
+        self.port = int(self.ready_line.split()[1])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._session: aiohttp.ClientSession | None = None
 
     async def _call(self, method: str, path: str) -> Any:
         if self._session is None:
@@ -101,36 +115,16 @@ class Sink:
         if self._session is not None:
             await self._session.close()
 
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._log.close()
 
-
-class Receiver:
+class Receiver(_Child):
     """`python -m tests.support.otlp_receiver` as a child process: a real OTLP/HTTP collector for the traced phase,
     in a process of its own (on the other core) so that decoding the spans costs the service nothing."""
 
     def __init__(self, cpus: str | None, log_path: Path) -> None:
-        self._log = log_path.open("wb")
-        self._proc = subprocess.Popen(
-            pinned(cpus, [sys.executable, "-m", "tests.support.otlp_receiver", "--port", "0"]),
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            stdin=subprocess.DEVNULL,
-        )
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline().decode()
-        if not line.startswith("receiving "):
-            self.stop()
-            raise RuntimeError(f"the OTLP receiver did not start; see {log_path}")
+        argv = ["-m", "tests.support.otlp_receiver", "--port", "0"]
+        super().__init__(argv, cpus, log_path, "receiving ", "the OTLP receiver")
         # "receiving OTLP/HTTP traces on http://127.0.0.1:<port>/v1/traces"
-        self.endpoint = line.split()[-1].removesuffix("/v1/traces")
+        self.endpoint = self.ready_line.split()[-1].removesuffix("/v1/traces")
         """The base URL, as OTEL_EXPORTER_OTLP_ENDPOINT takes it (the exporter appends /v1/traces)."""
 
     async def spans(self) -> int:
@@ -141,16 +135,6 @@ class Receiver:
         if counts["bad_requests"]:
             raise RuntimeError(f"the OTLP receiver refused {counts['bad_requests']} export requests")
         return int(counts["spans"])
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._log.close()
 
 
 class ServiceProcess:
