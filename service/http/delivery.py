@@ -145,8 +145,12 @@ class _Delivering:
     attempt: int = 0
     failures: int = 0
     """Attempts that failed for the API's own reasons: they set the backoff."""
-    timeouts: int = 0
-    """Attempts cut by their timeout: each retry may take twice as long."""
+    slow: int = 0
+    """Attempts cut by their timeout while the endpoint answered no other call: each doubles the next timeout."""
+    hung: int = 0
+    """Attempts cut while the endpoint answered other calls: every second one doubles the next timeout."""
+    answered_before: int = 0
+    """The endpoint's successes when the current attempt was sent."""
     conflicts: int = 0
     probe: bool = False
     """Whether the current attempt is the breaker's probe."""
@@ -206,7 +210,11 @@ class Delivery:
         """One HTTP attempt: the response and its round trip, or None after a transport failure."""
         request, guard = call.request, call.guard
         timeout = guard.timeouts[request.endpoint]
-        seconds = min(timeout.ceiling_s, timeout.seconds * 2**call.timeouts)
+        # A sporadic hang on an API that answers everyone else says nothing about how long this request
+        # needs, so doubling on each one would make a twice-hung record wait 3x its timeout for nothing; but
+        # a request slower than the others must still get longer attempts, so it doubles at half the pace.
+        seconds = min(timeout.ceiling_s, timeout.seconds * 2 ** (call.slow + call.hung // 2))
+        call.answered_before = timeout.answered
         if call.probe:
             seconds = min(seconds, PROBE_TIMEOUT_S)
         headers, span = guard.headers, None
@@ -237,7 +245,11 @@ class Delivery:
 
     async def _transport_failed(self, call: _Delivering, failure: TransportFailure, started: float) -> None:
         endpoint = call.request.endpoint.value
-        call.timeouts += failure.kind == "timeout"
+        if failure.kind == "timeout":
+            if call.guard.timeouts[call.request.endpoint].answered > call.answered_before:
+                call.hung += 1
+            else:
+                call.slow += 1
         call.guard.limit.release(None, backpressure=failure.kind == "timeout")
         self._instrumentation.call(endpoint, call.request.destination.value, None, time.monotonic() - started)
         self._instrumentation.record_retry(endpoint, failure.kind)

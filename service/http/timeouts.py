@@ -4,8 +4,10 @@ A fixed read timeout must allow for the slowest legitimate answer, so a call tha
 slot, its record and (for a batch) hundreds of rows for that long. Here each endpoint keeps the
 round trips of its recent successes, and an attempt may take `factor` times their 99th percentile,
 never less than `floor_s` and never more than the configured read timeout. Until enough successes
-were seen, `cold_s` applies. Delivery doubles the timeout for each retry of a request that timed
-out, up to the read timeout, so an API that is slower than any timeout so far is still waited for.
+were seen, `cold_s` applies. A request whose attempt was cut is retried with a longer timeout, up to
+the read timeout, so an API slower than any timeout so far is still waited for: twice as long when the
+endpoint answered nothing else meanwhile (it is slow), twice as long only every second cut when it
+answered other calls meanwhile (this call hung; see `Delivery` in service/http/delivery.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class AttemptTimeout:
         self._next = 0
         self._fresh = 0
         self._current = min(settings.ceiling_s, max(settings.floor_s, settings.cold_s))
+        self._answered = 0
 
     @property
     def seconds(self) -> float:
@@ -45,9 +48,15 @@ class AttemptTimeout:
     def ceiling_s(self) -> float:
         return self._s.ceiling_s
 
+    @property
+    def answered(self) -> int:
+        """Successes seen so far: a call compares it before and after its attempt."""
+        return self._answered
+
     def observe(self, rtt_s: float) -> None:
         """A successful attempt's round trip."""
         s = self._s
+        self._answered += 1
         if len(self._ring) < s.samples:
             self._ring.append(rtt_s)
         else:

@@ -697,6 +697,36 @@ async def test_a_timed_out_request_is_retried_with_twice_the_timeout_up_to_the_r
     assert attempt_timeouts(h.wire) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5, 0.5])
 
 
+async def test_a_call_that_hung_while_others_were_answered_lengthens_its_timeout_at_half_the_pace() -> None:
+    h = harness(ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
+    other = LogUpdate(reference_id="ref-2", output="Rome", duration=0.5)
+
+    async def hung_while_another_was_answered(_: httpx.Request) -> httpx.Response:
+        # Another record's call goes out and is answered while this attempt waits for nothing.
+        await h.delivery.deliver(req(other), WHERE.timestamp_ms)
+        raise httpx.ReadTimeout("no answer")
+
+    cut_alone = httpx.ReadTimeout("no answer")
+    h.wire.steps = [hung_while_another_was_answered, ok(), hung_while_another_was_answered, ok(), cut_alone, ok()]
+    learned = h.guards[Destination.HUMANLOOP].timeouts[Endpoint.UPDATE_LOG]
+    for _ in range(64):
+        learned.observe(0.001)  # attempts are cut at the 50 ms floor
+
+    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=4)
+    sent = [
+        (r.url.params["reference_id"], round(t, 6))
+        for r, t in zip(h.wire.requests, attempt_timeouts(h.wire), strict=True)
+    ]
+    assert sent == [
+        ("ref-1", 0.05),
+        ("ref-2", 0.05),
+        ("ref-1", 0.05),  # hung once while another was answered: the same timeout
+        ("ref-2", 0.05),
+        ("ref-1", 0.1),  # the second such hang doubles it
+        ("ref-1", 0.2),  # cut with nothing else answered: the endpoint is slow, double again
+    ]
+
+
 async def test_a_record_that_failed_through_an_outage_goes_as_soon_as_the_breaker_closes() -> None:
     # A backoff of a minute after each failure would outlast the harness's guard; while the breaker is open it
     # does the waiting instead (a millisecond here), so the record goes with the first probe after the outage.
