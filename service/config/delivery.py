@@ -11,26 +11,41 @@ from pydantic import (
     Field,
 )
 
-from service.config.section import Section
+from service.config.section import DAY_MS, DAY_S, Section
+
+# A week, Kafka's default retention (log.retention.hours=168): the grace counts from the record's timestamp,
+# and such a topic holds no older record, so a longer grace would never be used.
+NOT_FOUND_GRACE_MAX_S = 7 * DAY_S
+# Port numbers are 16 bits: one client address cannot hold more TCP connections to one destination address.
+MAX_CONNECTIONS = 65_535
 
 
 class DeliverySettings(Section):
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="per attempt")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=DAY_S, description="per attempt")
     read_timeout_s: float = Field(
-        default=30.0, gt=0, description="longest attempt; attempts are cut sooner once latency is known, see next"
+        default=30.0,
+        gt=0,
+        le=DAY_S,
+        description="longest attempt; attempts are cut sooner once latency is known, see next",
     )
     min_attempt_timeout_s: float = Field(
         default=2.0,
         gt=0,
+        le=DAY_S,
         description="shortest attempt timeout; an attempt may take 4x its endpoint's recent p99 latency, "
         "within this and read_timeout_s",
     )
-    initial_backoff_s: float = Field(default=0.5, gt=0, description="first retry delay (doubles, jittered)")
-    max_backoff_s: float = Field(default=30.0, gt=0, description="longest retry delay and breaker pause")
-    retry_after_cap_s: float = Field(default=60.0, gt=0, description="longest server-requested pause honoured")
+    initial_backoff_s: float = Field(default=0.5, gt=0, le=DAY_S, description="first retry delay (doubles, jittered)")
+    max_backoff_s: float = Field(default=30.0, gt=0, le=DAY_S, description="longest retry delay and breaker pause")
+    retry_after_cap_s: float = Field(
+        default=60.0, gt=0, le=DAY_S, description="longest server-requested pause honoured"
+    )
     conflict_retries: int = Field(default=2, ge=0, description="409 retries before the record is rejected")
     not_found_grace_s: float = Field(
-        default=600.0, ge=0, description="how long a 404 on an update is retried, from the record's timestamp"
+        default=600.0,
+        ge=0,
+        le=NOT_FOUND_GRACE_MAX_S,
+        description="how long a 404 on an update is retried, from the record's timestamp",
     )
     evidence_body_bytes: int = Field(
         default=4096, ge=0, le=65536, description="response body bytes kept in a dead letter's headers"
@@ -39,7 +54,10 @@ class DeliverySettings(Section):
     # its own CPU queueing adds to the round trip, so 512 left it waiting on the ceiling (make bench: 50 ms vs 0 ms
     # at 0.85-0.91 with 512, 0.93-1.00 with 1,024). The adaptive limit, not this ceiling, keeps load off an API.
     max_connections: int = Field(
-        default=1024, ge=1, description="ceiling of the adaptive limit on concurrent calls per destination"
+        default=1024,
+        ge=1,
+        le=MAX_CONNECTIONS,
+        description="ceiling of the adaptive limit on concurrent calls per destination",
     )
     max_in_flight_per_partition: int = Field(
         default=1000, ge=1, description="records of one partition started and not yet done (calls and batched rows)"
@@ -60,6 +78,7 @@ class DeliverySettings(Section):
     drain_timeout_s: float = Field(
         default=20.0,
         gt=0,
+        le=DAY_S,
         description="bounded wait for in-flight calls on stop; on a revoke at most the session timeout less 5 s",
     )
     breaker_failure_rate: float = Field(
@@ -84,12 +103,12 @@ class BatchSettings(Section):
 
     max_rows: int = Field(default=500, ge=1, le=10_000, description="rows per Publish-records call")
     max_bytes: int = Field(default=1_000_000, ge=1024, description="row JSON bytes per call")
-    linger_ms: float = Field(default=20.0, ge=0, description="how long a batch waits for more rows")
+    linger_ms: float = Field(default=20.0, ge=0, le=DAY_MS, description="how long a batch waits for more rows")
 
 
 class DeadLetterSettings(Section):
     send_attempts: int = Field(default=5, ge=1, description="tries before a failed DLQ write stops the service")
-    send_timeout_s: float = Field(default=30.0, gt=0, description="per dead-letter write attempt")
+    send_timeout_s: float = Field(default=30.0, gt=0, le=DAY_S, description="per dead-letter write attempt")
 
 
 class ObservabilitySettings(Section):

@@ -11,7 +11,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.config.section import Section
+from service.config.section import DAY_S, INT32_MAX, Section
 
 
 class KafkaSettings(Section):
@@ -35,19 +35,31 @@ class KafkaSettings(Section):
     ssl_cafile: str | None = Field(default=None, description="PEM CA bundle for a private CA (else the system CAs)")
     ssl_certfile: str | None = Field(default=None, description="PEM client certificate, for mutual TLS")
     ssl_keyfile: str | None = Field(default=None, description="PEM client key, for mutual TLS")
-    session_timeout_ms: int = Field(default=45_000, ge=1_000, description="a silent member leaves the group after this")
+    # The broker's group.max.session.timeout.ms (30 min by default) is the real ceiling of the session timeout; the
+    # bound here is only what a JoinGroup request can carry (INT32_MAX).
+    session_timeout_ms: int = Field(
+        default=45_000, ge=1_000, le=INT32_MAX, description="a silent member leaves the group after this"
+    )
     heartbeat_interval_ms: int = Field(
         default=3_000,
         ge=100,
+        le=INT32_MAX,
         description="group heartbeat period; below session_timeout_ms, a third of it at most advised",
     )
     max_poll_interval_ms: int = Field(
-        default=300_000, ge=1_000, description="longest gap between polls; the loop polls even while paused"
+        default=300_000,
+        ge=1_000,
+        le=INT32_MAX,
+        description="longest gap between polls; the loop polls even while paused",
     )
     max_poll_records: int = Field(default=500, ge=1, description="records per poll")
-    fetch_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="bytes per fetch response")
-    max_partition_fetch_bytes: int = Field(default=1024 * 1024, ge=1024, description="bytes per partition per fetch")
-    commit_interval_s: float = Field(default=1.0, gt=0, description="how often done offsets are committed")
+    fetch_max_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, le=INT32_MAX, description="bytes per fetch response"
+    )
+    max_partition_fetch_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=INT32_MAX, description="bytes per partition per fetch"
+    )
+    commit_interval_s: float = Field(default=1.0, gt=0, le=DAY_S, description="how often done offsets are committed")
 
     _file_backed = ("sasl_password",)
 

@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Final, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -24,6 +24,18 @@ from service.config.credentials import SecretFileError, read_secret_file
 BOTH_SET = "secret_value_and_file"
 NON_FINITE_JSON = "non_finite_json"
 _PATHS_SHOWN = 3
+
+# Upper bounds (`le=`) of the duration settings, so that start-up refuses a value the service could not use
+# instead of failing or stalling later. A huge finite value passes `allow_inf_nan`, but at run time a 1e300 s
+# HTTP timeout stops the pyreqwest client from being built (a timedelta holds at most about 8.6e13 s;
+# service/http/reqwest.py), a dead-letter send timeout above 2,147,483 s overflows the produce request's int32
+# timeout in ms (every DLQ write fails; service/kafka/clients.py, build_durable_producer), and a retry pause,
+# linger or drain that long never ends. One day is far above any sane timeout, pause or interval, and below
+# every such limit (86,400,000 ms fits an int32).
+DAY_S: Final = 86_400.0
+DAY_MS: Final = DAY_S * 1000
+INT32_MAX: Final = 2**31 - 1
+"""Kafka's int settings are 32-bit: a larger session timeout or fetch size cannot be encoded in its request."""
 
 
 class Section(BaseModel):
