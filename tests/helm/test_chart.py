@@ -14,19 +14,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import json
 import math
 import re
 import subprocess
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
 
 from service.config.settings import ENV_DELIMITER, ENV_PREFIX, Settings, load_settings
 from service.ops.metrics import Metrics
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HELM = ROOT / ".cache" / "bin" / "helm"
 CHART = ROOT / "helm" / "inference-bridge"
 FULL_VALUES = Path(__file__).with_name("values-full.yaml")
+VALUES_SCHEMA = CHART / "values.schema.json"
 DOCKERFILE = ROOT / "Dockerfile"
 NAMESPACE = "streaming"
 RELEASE = "test"
@@ -69,6 +72,12 @@ VALUE_SETS: dict[str, tuple[str, ...]] = {
     ),
 }
 SERVICE_DEFAULT_DRAIN_S = 20.0
+# Each numeric bound pydantic keeps in a Field's metadata (Field(ge=...) -> annotated_types.Ge(ge=...)), with the
+# JSON Schema keyword that says the same.
+BOUND_KEYWORDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+# Where the chart's schema is deliberately stricter than the setting: the service takes port 0 as "pick a free
+# port" (tests), but a pod's probes and Service need a fixed one (templates/_helpers.tpl refuses 0).
+CHART_STRICTER: dict[str, dict[str, float]] = {"config.observability.httpPort": {"minimum": 1}}
 
 Manifest = dict[str, Any]
 
@@ -222,6 +231,73 @@ def exported_series() -> dict[str, set[str]]:
 def drain_timeout(docs: Iterable[Manifest]) -> float:
     value = bridge_env(docs).get("BRIDGE_DELIVERY__DRAIN_TIMEOUT_S")
     return float(value["value"]) if value else SERVICE_DEFAULT_DRAIN_S
+
+
+class ChartSetting(NamedTuple):
+    """A chart value under `config.<section>`, its schema in values.schema.json and the settings field it sets."""
+
+    value: str
+    schema: dict[str, Any]
+    setting: str
+    field: FieldInfo
+
+
+def _snake(key: str) -> str:
+    """A chart key as the chart's `snakecase` spells it in the variable's name (templates/_helpers.tpl)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def chart_settings() -> list[ChartSetting]:
+    """Every chart value of a settings section, with the field of Settings it becomes (BRIDGE_<SECTION>__<FIELD>)."""
+    schema = json.loads(VALUES_SCHEMA.read_text())
+    found = []
+    for section, section_schema in schema["properties"]["config"]["properties"].items():
+        section_name = _snake(section)
+        section_field = Settings.model_fields.get(section_name)
+        assert section_field is not None, f"config.{section} sets no section of Settings"
+        model = section_field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue  # a top-level setting (config.schemasDir): a path, no bounds
+        for key, value_schema in section_schema["properties"].items():
+            name = _snake(key)
+            field = model.model_fields.get(name)
+            assert field is not None, f"config.{section}.{key} sets no field of {model.__name__}"
+            found.append(ChartSetting(f"config.{section}.{key}", value_schema, f"{section_name}.{name}", field))
+    return found
+
+
+def field_bounds(field: FieldInfo) -> dict[str, float]:
+    """A field's numeric bounds (ge/gt/le/lt), under their JSON Schema keywords."""
+    bounds: dict[str, float] = {}
+    for constraint in field.metadata:
+        for attribute, keyword in BOUND_KEYWORDS.items():
+            number = getattr(constraint, attribute, None)
+            if number is not None:
+                bounds[keyword] = number
+    return bounds
+
+
+def schema_bounds(value_schema: dict[str, Any]) -> dict[str, float]:
+    return {keyword: value_schema[keyword] for keyword in BOUND_KEYWORDS.values() if keyword in value_schema}
+
+
+def literal_choices(field: FieldInfo) -> set[Any]:
+    """The values a Literal field (or an optional one) accepts; empty for any other field."""
+    parts = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is not Literal else ()
+    literals = [part for part in (field.annotation, *parts) if typing.get_origin(part) is Literal]
+    return {choice for literal in literals for choice in typing.get_args(literal)}
+
+
+def _above_maximum_cases() -> list[Any]:
+    """One case per chart value whose setting has an upper bound, with a value the setting refuses."""
+    cases = []
+    for setting in chart_settings():
+        bounds = field_bounds(setting.field)
+        if "maximum" in bounds:
+            cases.append(pytest.param(setting.value, bounds["maximum"] + 1, id=setting.value))
+        elif "exclusiveMaximum" in bounds:
+            cases.append(pytest.param(setting.value, bounds["exclusiveMaximum"], id=setting.value))
+    return cases
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------
@@ -531,6 +607,67 @@ def test_schema_rejects_wrong_values(args: tuple[str, ...], message: str) -> Non
     error = render_error(*REQUIRED, *args)
     assert "values don't meet the specifications of the schema" in error
     assert message in error
+
+
+def test_schema_bounds_are_the_settings_bounds() -> None:
+    # The schema is written by hand: without this a bound added to a setting (or changed) leaves the chart
+    # accepting a value the pod refuses at start-up, after `helm install` said yes.
+    settings = chart_settings()
+    differ = {}
+    for setting in settings:
+        expected = field_bounds(setting.field) | CHART_STRICTER.get(setting.value, {})
+        if schema_bounds(setting.schema) != expected:
+            differ[setting.value] = f"schema {schema_bounds(setting.schema)}, setting {field_bounds(setting.field)}"
+    assert not differ, f"values.schema.json bounds differ from the settings' Field bounds: {differ}"
+    reached = {setting.setting for setting in settings}
+    bounded = {
+        f"{section}.{name}"
+        for section, section_field in Settings.model_fields.items()
+        if isinstance(model := section_field.annotation, type) and issubclass(model, BaseModel)
+        for name, field in model.model_fields.items()
+        if field_bounds(field)
+    }
+    assert "kafka.session_timeout_ms" in bounded, "no bound read from the settings: did the Field metadata change?"
+    assert not bounded - reached, f"bounded settings no chart value sets: {sorted(bounded - reached)}"
+    by_value = {setting.value: setting for setting in settings}
+    for value, stricter in CHART_STRICTER.items():
+        own = field_bounds(by_value[value].field)
+        for keyword, number in stricter.items():
+            if keyword in own:
+                tighter = number > own[keyword] if keyword.endswith("inimum") else number < own[keyword]
+                assert tighter, f"{value}: {keyword} {number} is not stricter than the setting's {own}: drop it"
+
+
+def test_schema_choices_are_the_settings_choices() -> None:
+    differ = {}
+    for setting in chart_settings():
+        choices = literal_choices(setting.field)
+        enum = set(setting.schema.get("enum", [])) - {None}  # null: the service's default
+        if choices != enum:
+            differ[setting.value] = f"schema {sorted(enum)}, setting {sorted(choices)}"
+    assert not differ, f"values.schema.json enums differ from the settings' Literal choices: {differ}"
+
+
+@pytest.mark.parametrize(("value", "above"), _above_maximum_cases())
+def test_schema_rejects_a_value_above_its_settings_maximum(value: str, above: float) -> None:
+    # --set-json: a number stays a number (plain --set passes 86401.0 as a string, refused for its type instead).
+    error = render_error(*REQUIRED, "--set-json", f"{value}={json.dumps(above)}")
+    assert "values don't meet the specifications of the schema" in error
+    assert f"at '/{value.replace('.', '/')}': maximum" in error, error
+
+
+def test_values_at_their_settings_maximum_are_rendered_and_accepted(tmp_path: Path) -> None:
+    # All at once, but the heartbeat: it must stay below the session timeout (service/config/settings.py).
+    maxima = {
+        setting.value: field_bounds(setting.field)["maximum"]
+        for setting in chart_settings()
+        if "maximum" in field_bounds(setting.field) and setting.value != "config.kafka.heartbeatIntervalMs"
+    }
+    args = [arg for value, number in maxima.items() for arg in ("--set-json", f"{value}={json.dumps(number)}")]
+    settings = load_settings(resolved_environ(render(*REQUIRED, *args), tmp_path))
+    assert settings.kafka.session_timeout_ms == 2**31 - 1
+    assert settings.delivery.drain_timeout_s == 86_400
+    assert settings.batch.linger_ms == 86_400_000
 
 
 def test_required_values_are_named_when_missing() -> None:
