@@ -648,6 +648,43 @@ def test_schema_choices_are_the_settings_choices() -> None:
     assert not differ, f"values.schema.json enums differ from the settings' Literal choices: {differ}"
 
 
+EXAMPLES_NOT_DEFAULTS = frozenset({"config.kafka.saslMechanism", "config.kafka.saslUsername"})
+"""Commented lines of values.yaml's config that show a value to set, not the one the service uses unset."""
+
+
+def commented_config_values() -> dict[str, Any]:
+    """The `# key: value` lines under values.yaml's `config.<section>`: what the chart tells users the service uses."""
+    found: dict[str, Any] = {}
+    section = None
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        opened = re.fullmatch(r"  (\w+):.*", line)
+        if opened:
+            section = opened.group(1)
+            continue
+        if not line.strip() or not line.startswith(" "):
+            section = None if not line.startswith("#") and line.strip() else section
+            continue
+        commented = re.fullmatch(r"    # (\w+): (.*?)(?:\s+#.*)?", line)
+        if section is not None and commented:
+            found[f"config.{section}.{commented.group(1)}"] = yaml.safe_load(commented.group(2))
+    return found
+
+
+def test_values_yaml_shows_the_settings_defaults_in_its_comments() -> None:
+    settings = {setting.value: setting.field for setting in chart_settings()}
+    shown = {key: value for key, value in commented_config_values().items() if key not in EXAMPLES_NOT_DEFAULTS}
+    assert "config.delivery.httpClient" in shown  # the parse found the lines it checks
+    assert "config.kafka.sessionTimeoutMs" in shown
+    defaults = {key: field.get_default(call_default_factory=True) for key, field in settings.items()}
+    differ = {
+        key: f"values.yaml says {value!r}, the service uses {defaults[key]!r}"
+        for key, value in shown.items()
+        # `""` is values.yaml's placeholder for an optional string that has no default (the registry's url, username).
+        if key in defaults and defaults[key] != value and not (defaults[key] is None and value == "")
+    }
+    assert not differ, f"values.yaml comments that are not the service's defaults: {differ}"
+
+
 @pytest.mark.parametrize(("value", "above"), _above_maximum_cases())
 def test_schema_rejects_a_value_above_its_settings_maximum(value: str, above: float) -> None:
     # --set-json: a number stays a number (plain --set passes 86401.0 as a string, refused for its type instead).
