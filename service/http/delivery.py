@@ -148,7 +148,7 @@ class _Delivering:
     slow: int = 0
     """Attempts cut by their timeout while the endpoint answered no other call: each doubles the next timeout."""
     hung: int = 0
-    """Attempts cut while the endpoint answered other calls: every second one doubles the next timeout."""
+    """Attempts cut while the endpoint answered other calls: each but the first doubles the next timeout."""
     answered_before: int = 0
     """The endpoint's successes when the current attempt was sent."""
     conflicts: int = 0
@@ -211,9 +211,9 @@ class Delivery:
         request, guard = call.request, call.guard
         timeout = guard.timeouts[request.endpoint]
         # A sporadic hang on an API that answers everyone else says nothing about how long this request
-        # needs, so doubling on each one would make a twice-hung record wait 3x its timeout for nothing; but
-        # a request slower than the others must still get longer attempts, so it doubles at half the pace.
-        seconds = min(timeout.ceiling_s, timeout.seconds * 2 ** (call.slow + call.hung // 2))
+        # needs, so its retry keeps the timeout; a request slower than the others is cut again, and from
+        # then on it doubles as any other, so it pays one attempt more to reach the read timeout.
+        seconds = min(timeout.ceiling_s, timeout.seconds * 2 ** (call.slow + max(0, call.hung - 1)))
         call.answered_before = timeout.answered
         if call.probe:
             seconds = min(seconds, PROBE_TIMEOUT_S)
@@ -238,6 +238,7 @@ class Delivery:
             guard.breaker.released(probe=call.probe)
             raise
         rtt = time.monotonic() - started
+        guard.timeouts[request.endpoint].answer()
         if span is not None:
             self._tracing.end_call(span, response.status, None)
         self._instrumentation.call(request.endpoint.value, request.destination.value, response.status, rtt)

@@ -5,9 +5,9 @@ slot, its record and (for a batch) hundreds of rows for that long. Here each end
 round trips of its recent successes, and an attempt may take `factor` times their 99th percentile,
 never less than `floor_s` and never more than the configured read timeout. Until enough successes
 were seen, `cold_s` applies. A request whose attempt was cut is retried with a longer timeout, up to
-the read timeout, so an API slower than any timeout so far is still waited for: twice as long when the
-endpoint answered nothing else meanwhile (it is slow), twice as long only every second cut when it
-answered other calls meanwhile (this call hung; see `Delivery` in service/http/delivery.py).
+the read timeout, so an API slower than any timeout so far is still waited for: twice as long after each
+cut, except the first cut while the endpoint answered other calls (this call hung; see `Delivery` in
+service/http/delivery.py).
 """
 
 from __future__ import annotations
@@ -50,13 +50,16 @@ class AttemptTimeout:
 
     @property
     def answered(self) -> int:
-        """Successes seen so far: a call compares it before and after its attempt."""
+        """Answers of any status seen so far: a call compares it before and after its attempt."""
         return self._answered
+
+    def answer(self) -> None:
+        """An attempt got an answer, whatever its status: the endpoint answers within its timeouts."""
+        self._answered += 1
 
     def observe(self, rtt_s: float) -> None:
         """A successful attempt's round trip."""
         s = self._s
-        self._answered += 1
         if len(self._ring) < s.samples:
             self._ring.append(rtt_s)
         else:

@@ -7,6 +7,7 @@ one lower bound that the code guarantees (a Retry-After pause cannot end early).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -685,46 +686,67 @@ async def test_a_not_yet_record_gives_back_its_slots_while_it_waits() -> None:
     assert parked.events == ["park", "resume", "park", "resume"]
 
 
-async def test_a_timed_out_request_is_retried_with_twice_the_timeout_up_to_the_read_timeout() -> None:
-    cut = httpx.ReadTimeout("no answer")
-    h = harness(cut, cut, cut, cut, cut, ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
+def hang_while_another_is_answered(h: Harness) -> Callable[[httpx.Request], Awaitable[httpx.Response]]:
+    """A step that waits for nothing while another record's call goes out and gets its answer (the next step)."""
+    other = LogUpdate(reference_id="ref-2", output="Rome", duration=0.5)
+
+    async def hang(_: httpx.Request) -> httpx.Response:
+        with contextlib.suppress(RejectedError):  # an answer all the same
+            await h.delivery.deliver(req(other), WHERE.timestamp_ms)
+        raise httpx.ReadTimeout("no answer")
+
+    return hang
+
+
+def cut_at_the_floor(h: Harness) -> None:
     learned = h.guards[Destination.HUMANLOOP].timeouts[Endpoint.UPDATE_LOG]
     for _ in range(64):
         learned.observe(0.001)  # it was fast until now: attempts are cut at the 50 ms floor
     assert learned.seconds == pytest.approx(0.05)
 
+
+def sent_timeouts(wire: Wire) -> list[tuple[str, float]]:
+    """Each request's reference id with the timeout it was sent with."""
+    timeouts = attempt_timeouts(wire)
+    return [(r.url.params["reference_id"], round(t, 6)) for r, t in zip(wire.requests, timeouts, strict=True)]
+
+
+async def test_a_timed_out_request_is_retried_with_twice_the_timeout_up_to_the_read_timeout() -> None:
+    cut = httpx.ReadTimeout("no answer")
+    h = harness(cut, cut, cut, cut, cut, ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
+    cut_at_the_floor(h)
+
     assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=6)
     assert attempt_timeouts(h.wire) == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5, 0.5])
 
 
-async def test_a_call_that_hung_while_others_were_answered_lengthens_its_timeout_at_half_the_pace() -> None:
+async def test_a_call_that_hung_while_others_were_answered_keeps_its_timeout_once() -> None:
     h = harness(ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
-    other = LogUpdate(reference_id="ref-2", output="Rome", duration=0.5)
-
-    async def hung_while_another_was_answered(_: httpx.Request) -> httpx.Response:
-        # Another record's call goes out and is answered while this attempt waits for nothing.
-        await h.delivery.deliver(req(other), WHERE.timestamp_ms)
-        raise httpx.ReadTimeout("no answer")
-
-    cut_alone = httpx.ReadTimeout("no answer")
-    h.wire.steps = [hung_while_another_was_answered, ok(), hung_while_another_was_answered, ok(), cut_alone, ok()]
-    learned = h.guards[Destination.HUMANLOOP].timeouts[Endpoint.UPDATE_LOG]
-    for _ in range(64):
-        learned.observe(0.001)  # attempts are cut at the 50 ms floor
+    hang, cut_alone = hang_while_another_is_answered(h), httpx.ReadTimeout("no answer")
+    h.wire.steps = [hang, status(422), hang, ok(), cut_alone, ok()]
+    cut_at_the_floor(h)
 
     assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=4)
-    sent = [
-        (r.url.params["reference_id"], round(t, 6))
-        for r, t in zip(h.wire.requests, attempt_timeouts(h.wire), strict=True)
-    ]
-    assert sent == [
+    assert sent_timeouts(h.wire) == [
         ("ref-1", 0.05),
+        ("ref-2", 0.05),  # refused for good: an answer, so the endpoint is not slow
+        ("ref-1", 0.05),  # the first hang while others were answered: the same timeout
         ("ref-2", 0.05),
-        ("ref-1", 0.05),  # hung once while another was answered: the same timeout
-        ("ref-2", 0.05),
-        ("ref-1", 0.1),  # the second such hang doubles it
-        ("ref-1", 0.2),  # cut with nothing else answered: the endpoint is slow, double again
+        ("ref-1", 0.1),  # the second doubles it
+        ("ref-1", 0.2),  # cut while nothing else was answered: the endpoint is slow, double again
     ]
+
+
+async def test_a_request_slower_than_the_others_still_reaches_the_read_timeout() -> None:
+    h = harness(ok(), min_attempt_timeout_s=0.05, read_timeout_s=0.5)
+    hang = hang_while_another_is_answered(h)
+    steps: list[Step] = [hang, ok()] * 6
+    h.wire.steps = [*steps, ok()]
+    cut_at_the_floor(h)
+
+    assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=7)
+    mine = [seconds for reference, seconds in sent_timeouts(h.wire) if reference == "ref-1"]
+    assert mine == [0.05, 0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
 
 
 async def test_a_record_that_failed_through_an_outage_goes_as_soon_as_the_breaker_closes() -> None:
