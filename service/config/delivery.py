@@ -13,10 +13,12 @@ from pydantic import (
 
 from service.config.section import DAY_MS, DAY_S, Section
 
-# A week, Kafka's default retention (log.retention.hours=168): the grace counts from the record's timestamp,
-# and such a topic holds no older record, so a longer grace would never be used.
-NOT_FOUND_GRACE_MAX_S = 7 * DAY_S
-# Port numbers are 16 bits: one client address cannot hold more TCP connections to one destination address.
+# Ten years: the grace is only compared with a record's age (now less its timestamp), and a replayed dead
+# letter keeps its original timestamp (service/tools/replay/plan.py), so weeks-old records are normal input
+# here; the bound refuses a typo, nothing a deployment would set.
+NOT_FOUND_GRACE_MAX_S = 3650 * DAY_S
+# Calls in flight to one destination, most on their own HTTP/1.1 connection: Linux's default ephemeral port
+# range (about 28,000 ports per destination address) runs out well before this.
 MAX_CONNECTIONS = 65_535
 
 
