@@ -35,7 +35,7 @@ from service.http.breaker import Breaker, BreakerSettings, BreakerState, Fault
 from service.http.classify import Verdict, backoff_s, classify, retry_after_s
 from service.http.client import HttpClient, HttpResponse, TransportFailure
 from service.http.limiter import ConcurrencyLimit, LimitSettings
-from service.http.timeouts import AttemptTimeout, TimeoutSettings
+from service.http.timeouts import AttemptTimeout, TimeoutSettings, escalated
 from service.ops.instrumentation import Instrumentation
 from service.ops.tracing import Tracing, log_fields
 
@@ -213,7 +213,7 @@ class Delivery:
         # A sporadic hang on an API that answers everyone else says nothing about how long this request
         # needs, so its retry keeps the timeout; a request slower than the others is cut again, and from
         # then on it doubles as any other, so it pays one attempt more to reach the read timeout.
-        seconds = min(timeout.ceiling_s, timeout.seconds * 2 ** (call.slow + max(0, call.hung - 1)))
+        seconds = escalated(timeout.seconds, timeout.ceiling_s, call.slow + max(0, call.hung - 1))
         call.answered_before = timeout.answered
         if call.probe:
             seconds = min(seconds, PROBE_TIMEOUT_S)
@@ -272,7 +272,12 @@ class Delivery:
             guard.breaker.succeeded(probe=call.probe)
             return DeliveryReport(status=response.status, attempts=call.attempt)
         if verdict is Verdict.FORBIDDEN and guard.breaker.recent_success():
-            # Other calls with this key succeed: the key may not write this record's target.
+            # Other calls with this key succeed: the key may not write this record's target, unless the key
+            # itself was rotated (its file changed) and the old one revoked, which is tried first.
+            if guard.key.reload():
+                self._instrumentation.record_retry(request.endpoint.value, verdict.value)
+                self._use_new_key(call, rtt)
+                return None
             verdict = Verdict.REJECT
         if verdict is not Verdict.REJECT:
             self._instrumentation.record_retry(request.endpoint.value, verdict.value)
@@ -316,16 +321,20 @@ class Delivery:
         if pause is None:
             await self._after_failure(call.guard.breaker, call.failures)
 
-    async def _key_refused(self, call: _Delivering, response: HttpResponse, rtt: float) -> None:
+    def _use_new_key(self, call: _Delivering, rtt: float) -> None:
+        """The key was refused and its file holds another: the next attempt goes with it at once."""
         guard = call.guard
         guard.limit.release(rtt)
+        guard.refresh_headers()
+        guard.breaker.released(probe=call.probe)
+        log.warning("API key changed on disk, retrying with it", extra={"destination": call.request.destination.value})
+
+    async def _key_refused(self, call: _Delivering, response: HttpResponse, rtt: float) -> None:
+        guard = call.guard
         if guard.key.reload():
-            guard.refresh_headers()
-            guard.breaker.released(probe=call.probe)
-            log.warning(
-                "API key changed on disk, retrying with it", extra={"destination": call.request.destination.value}
-            )
+            self._use_new_key(call, rtt)
             return
+        guard.limit.release(rtt)
         guard.breaker.failed(Fault.AUTH, probe=call.probe)
         log.warning(
             "API key refused, will retry",
@@ -353,8 +362,10 @@ class Delivery:
         raise self._rejection(call.request, response, call.attempt, verdict)
 
     def _retry_after(self, response: HttpResponse) -> float | None:
+        """The server's pause, capped; None for none, and for a pause of nothing (`Retry-After: 0`, a date already
+        past): honoured as given, it would skip the backoff and retry at once, for as long as the server says so."""
         pause = retry_after_s(response.headers, self._now())
-        return None if pause is None else min(pause, self._settings.retry_after_cap_s)
+        return None if pause is None or pause <= 0 else min(pause, self._settings.retry_after_cap_s)
 
     async def _after_failure(self, breaker: Breaker, failures: int) -> None:
         """Back off before the next attempt, unless the breaker is open: then it does the waiting, and

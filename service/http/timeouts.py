@@ -71,3 +71,9 @@ class AttemptTimeout:
             ordered = sorted(self._ring)
             p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
             self._current = min(s.ceiling_s, max(s.floor_s, s.factor * p99))
+
+
+def escalated(seconds: float, ceiling_s: float, doublings: int) -> float:
+    """`seconds` doubled `doublings` times, never above `ceiling_s`: a record whose calls keep being cut for hours
+    counts past 1,024 doublings, where 2.0 ** n overflows a float."""
+    return min(ceiling_s, seconds * 2.0 ** min(doublings, 64))

@@ -23,7 +23,9 @@ from service.config.delivery import DeliverySettings
 from service.core.errors import RejectedError
 from service.core.events import Event, LogUpdate, NewInference, RowUpdate
 from service.core.requests import ApiRequest, Destination, Endpoint, RecordCoordinates
+from service.http import delivery as delivery_module
 from service.http.breaker import BreakerSettings, BreakerState, Fault
+from service.http.classify import backoff_s
 from service.http.client import HttpxClient
 from service.http.delivery import Delivery, DeliveryReport, Guard, build_guard
 from service.ops.metrics import Metrics
@@ -341,6 +343,32 @@ async def test_retry_after_is_capped(headers: dict[str, str]) -> None:
 
     assert report.attempts == 2
     assert h.pauses[Destination.OPENLAYER] == [pytest.approx(0.02, abs=0.005)]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"retry-after": "0"}, id="zero"),
+        pytest.param({"retry-after-ms": "0"}, id="zero-ms"),
+        pytest.param({"retry-after": "-5"}, id="negative"),
+        pytest.param({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"}, id="past-date"),
+    ],
+)
+async def test_a_retry_after_of_nothing_backs_off_instead_of_retrying_at_once(
+    headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backoffs: list[int] = []
+
+    def counted(attempt: int, initial_s: float, cap_s: float, rng: random.Random) -> float:
+        backoffs.append(attempt)
+        return backoff_s(attempt, initial_s, cap_s, rng)
+
+    monkeypatch.setattr(delivery_module, "backoff_s", counted)
+    h = harness(*[status(429, headers)] * 3, ok())
+
+    assert await h.deliver(req(UPDATE_ROW)) == DeliveryReport(status=200, attempts=4)
+    assert h.pauses[Destination.OPENLAYER] == [], "no pause of nothing"
+    assert backoffs == [0, 1, 2], "each 429 backed off, growing, as one without a Retry-After"
 
 
 async def test_retry_after_holds_the_whole_destination_but_not_the_other() -> None:
@@ -669,6 +697,22 @@ async def test_403_while_other_calls_succeed_is_about_the_record() -> None:
     error = await h.rejected(req(PUBLISH))
 
     assert (error.reason, error.evidence.attempts) == ("http-403", 1)
+
+
+async def test_403_while_other_calls_succeed_tries_a_key_rotated_on_disk_first() -> None:
+    seen: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return ok() if request.headers["authorization"] == "Bearer ol-new-key-0000" else status(403)
+
+    h = harness(ok(), answer)
+    await h.deliver(req(UPDATE_ROW))  # a recent success with the old key
+    h.keys[Destination.OPENLAYER].next_value = "ol-new-key-0000"  # rotated, and the old key revoked
+
+    assert await h.deliver(req(PUBLISH)) == DeliveryReport(status=200, attempts=2)
+    assert seen == [f"Bearer {OL_KEY}", "Bearer ol-new-key-0000"]
+    assert h.breaker_changes == []
 
 
 async def test_403_while_nothing_succeeds_is_a_refused_key_and_waits() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.http.timeouts import AttemptTimeout, TimeoutSettings
+from service.http.timeouts import AttemptTimeout, TimeoutSettings, escalated
 
 SETTINGS = TimeoutSettings(ceiling_s=30.0, floor_s=2.0, factor=4.0, samples=100, min_samples=20, refresh_every=10)
 
@@ -47,3 +47,9 @@ def test_old_samples_age_out() -> None:
     for _ in range(100):
         timeout.observe(0.01)
     assert timeout.seconds == 2.0
+
+
+def test_an_escalated_timeout_doubles_up_to_the_ceiling_and_never_overflows() -> None:
+    assert [escalated(0.05, 0.5, n) for n in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.5, 0.5]
+    # A call cut for hours counts past 1,024 doublings, where 2.0 ** n alone raises OverflowError.
+    assert escalated(2.0, 30.0, 5000) == 30.0
