@@ -57,6 +57,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         await self._loop.release(revoked, revoke=True)
 
     async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
+        self._loop.assigned(assigned)
         if self._loop.health.stopping:
             return  # about to leave the group; these partitions will be reassigned without us
         self._loop.health.mark_joined()
@@ -88,6 +89,9 @@ class ConsumerLoop:
         self._shared_slots = Slots(settings.max_in_flight_total)
         self.room = asyncio.Event()
         """Set when a partition left out of polls for a full backlog has room again."""
+        self._releasing: set[TopicPartition] = set()
+        """Partitions given up (a revoke, a stop) and not assigned again: records a poll returns for them were
+        fetched before, and belong to whoever is assigned the partition next (reading from its last commit)."""
 
     def subscribe(self, topics: Sequence[str]) -> None:
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
@@ -115,7 +119,7 @@ class ConsumerLoop:
                 self.health.heartbeat()
                 batches = await self._poll()
                 for tp, records in batches.items():
-                    if records:
+                    if records and tp not in self._releasing:
                         self._worker(tp).push([to_source_record(r) for r in records])
                         self._instrumentation.record_consumed(tp.topic, len(records))
                 self._apply_backpressure()
@@ -228,8 +232,15 @@ class ConsumerLoop:
             if highwater is not None and done is not None:
                 self._instrumentation.record_lag(tp.topic, tp.partition, max(0, highwater - done))
 
+    def assigned(self, partitions: Collection[TopicPartition]) -> None:
+        """The group gave us `partitions`: from here on polls bring their records from the last commit."""
+        self._releasing.difference_update(partitions)
+
     async def release(self, partitions: Collection[TopicPartition], *, revoke: bool = False) -> None:
         """Drain and commit `partitions` (a revoke, or a stop); afterwards they are no longer ours."""
+        # Before the first await: a poll that fetched records of these partitions just before may return them
+        # while they drain, and a worker made for them would run them and later commit past the drained ones.
+        self._releasing.update(partitions)
         workers = {tp: self._workers.pop(tp) for tp in partitions if tp in self._workers}
         if not workers:
             return

@@ -609,6 +609,52 @@ async def test_a_partition_assigned_again_after_a_revoke_is_consumed_and_committ
     assert consumer.commits == [{TP: 4}, {TP: 6}]
 
 
+class RevokedAsItsFetchReturns(FakeConsumer):
+    """A fetch, made while another partition is full, returns records of `tp` just as `tp` is revoked (aiokafka
+    holds polls back during a rebalance, but not records it already fetched)."""
+
+    def __init__(self, *owned: TopicPartition) -> None:
+        super().__init__(*owned)
+        self.revoke_on_fetch: TopicPartition | None = None
+        self.revoking: asyncio.Task[None] | None = None
+
+    async def getmany(
+        self, *partitions: TopicPartition, timeout_ms: int, max_records: int
+    ) -> Mapping[TopicPartition, list[Any]]:
+        tp = self.revoke_on_fetch
+        if tp is not None and partitions and timeout_ms > 0 and self.queued.get(tp):
+            self.revoke_on_fetch = None
+            batches = {tp: self.queued[tp].popleft()}
+            self.revoking = asyncio.ensure_future(self.revoke(tp))
+            await asyncio.sleep(0)  # the revoke starts before the poll returns
+            return batches
+        return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_records_fetched_as_their_partition_is_revoked_are_left_to_its_next_owner(benches: Benches) -> None:
+    consumer = RevokedAsItsFetchReturns(TP, TP1)
+    outcomes = Outcomes(held=[(TP, 0), (TP, 1), (TP1, 0)])
+    consumer.feed(TP, 0, 2)
+    consumer.feed(TP1, 0, 3)
+    bench = benches(consumer, outcomes, max_buffered_per_partition=2)  # TP full: its next polls wait for a fetch
+    await consumer.until(lambda: outcomes.started(TP) == 2 and outcomes.started(TP1) == 3)
+
+    consumer.revoke_on_fetch = TP1
+    consumer.feed(TP1, 3, 3)
+    await consumer.until(lambda: consumer.revoking is not None and consumer.revoking.done())
+    outcomes.settle(TP, [0, 1])  # TP has room again, so the loop polls again: a whole turn after the revoke
+    await consumer.turns()
+    assert outcomes.started(TP1) == 3, "3-5 came from the revoked assignment: not run here"
+
+    # Handed the partition again, it is read from its last commit: 0 (still not done) comes first.
+    await consumer.assign(TP1)
+    consumer.feed(TP1, 0, 6)
+    await consumer.until(lambda: outcomes.started(TP1) == 6)
+    await bench.tick(60.0)
+    assert not [c for c in consumer.commits if c.get(TP1, 0) > 0], "nothing of TP1 is done past 0, which is not"
+    await bench.stopped()
+
+
 async def test_a_partition_revoked_while_full_is_held_at_its_bound_again_after_it_comes_back(
     benches: Benches,
 ) -> None:
