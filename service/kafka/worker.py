@@ -67,6 +67,8 @@ class PartitionWorker:
         self._parked: set[int] = set()
         self._running: set[asyncio.Future[None]] = set()
         self._draining = False
+        self._holding = False
+        """The feeder holds a record, prepared or whose key turn came, while it waits for slots to start it."""
         # Set when a record's end brings the backlog below `backlog_limit`: a full partition, left out of the
         # loop's polls, can take records again. Only on that crossing, so the loop is not woken per record.
         self._room = room if room is not None else asyncio.Event()
@@ -112,7 +114,11 @@ class PartitionWorker:
                     self._arrived.clear()
                     await self._arrived.wait()
                     continue
-                await self._take()
+                self._holding = True  # off every queue, not yet running: a drain waits for it (`_settled`)
+                try:
+                    await self._take()
+                finally:
+                    self._holding = False
                 self._launch(work, offset)
         except asyncio.CancelledError:
             raise
@@ -204,7 +210,7 @@ class PartitionWorker:
 
     async def _settled(self) -> None:
         """Until nothing runs and no record of a busy key waits for its turn."""
-        while self._running or self._ready or any(self._keys.values()):
+        while self._running or self._ready or self._holding or any(self._keys.values()):
             if self._running:
                 await asyncio.wait(set(self._running), return_when=asyncio.FIRST_COMPLETED)
             else:

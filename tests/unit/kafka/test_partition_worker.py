@@ -316,3 +316,33 @@ async def test_a_stop_lets_records_waiting_behind_their_key_run_so_the_done_pref
     await asyncio.wait_for(stopping, 5)
 
     assert worker.tracker.committable() == 4
+
+
+async def test_a_record_whose_turn_comes_in_the_drain_runs_even_when_its_slot_goes_to_another_partition() -> None:
+    # One shared slot. P's 0 and 1 share a key; Q's 0 waits for the slot. When P's 0 finishes in P's drain, the
+    # slot goes to Q (first in line) and P's 1 gets its turn with no slot: the drain must wait for it, or 1 is a
+    # hole in P's done prefix.
+    p_outcomes, q_outcomes = _Outcomes(), _Outcomes()
+
+    async def keyed(record: SourceRecord) -> Work:
+        return (await p_outcomes.prepare(record))._replace(key="k")
+
+    shared = Slots(1)
+    p = PartitionWorker(TopicPartition("t", 0), keyed, 8, shared, _Loop())
+    q = PartitionWorker(TopicPartition("t", 1), q_outcomes.prepare, 8, shared, _Loop())
+    p.push(_records(0, 2))
+    await asyncio.wait_for(_started(p_outcomes, 1), 5)
+    q.push(_records(1, 1))
+    await _settled()  # Q's 0 waits for the slot
+
+    stopping = asyncio.create_task(p.stop(5.0))
+    await _settled()
+    p_outcomes.futures[0].set_result(None)
+    await asyncio.wait_for(_started(q_outcomes, 1), 5)
+    q_outcomes.futures[0].set_result(None)  # the slot comes back: P's 1 takes it
+
+    await asyncio.wait_for(_started(p_outcomes, 2), 5)
+    p_outcomes.futures[1].set_result(None)
+    await asyncio.wait_for(stopping, 5)
+    assert p.tracker.committable() == 2
+    await q.stop(1)
