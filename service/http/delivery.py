@@ -151,6 +151,8 @@ class _Delivering:
     """Attempts cut while the endpoint answered other calls: each but the first doubles the next timeout."""
     answered_before: int = 0
     """The endpoint's successes when the current attempt was sent."""
+    sent_headers: Mapping[str, str] | None = None
+    """The destination's headers (its key) the current attempt was sent with."""
     conflicts: int = 0
     probe: bool = False
     """Whether the current attempt is the breaker's probe."""
@@ -218,6 +220,7 @@ class Delivery:
         if call.probe:
             seconds = min(seconds, PROBE_TIMEOUT_S)
         headers, span = guard.headers, None
+        call.sent_headers = headers
         if call.trace is not None:
             span = self._tracing.start_call(call.trace, request, call.attempt)
             headers = self._tracing.inject(span, headers)
@@ -271,14 +274,17 @@ class Delivery:
             guard.timeouts[request.endpoint].observe(rtt)
             guard.breaker.succeeded(probe=call.probe)
             return DeliveryReport(status=response.status, attempts=call.attempt)
-        if verdict is Verdict.FORBIDDEN and guard.breaker.recent_success():
-            # Other calls with this key succeed: the key may not write this record's target, unless the key
-            # itself was rotated (its file changed) and the old one revoked, which is tried first.
-            if guard.key.reload():
+        if verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
+            guard.limit.release(rtt)
+            if self._key_changed(call):  # a rotated key, the old one revoked: not the record's fault, nor an outage
                 self._instrumentation.record_retry(request.endpoint.value, verdict.value)
-                self._use_new_key(call, rtt)
+                guard.breaker.released(probe=call.probe)
+                log.warning("API key changed, retrying with it", extra={"destination": request.destination.value})
                 return None
-            verdict = Verdict.REJECT
+            if verdict is Verdict.FORBIDDEN and guard.breaker.recent_success():
+                # Other calls with this key succeed: the key may not write this record's target.
+                guard.breaker.answered(probe=call.probe)
+                raise self._rejection(request, response, call.attempt, verdict)
         if verdict is not Verdict.REJECT:
             self._instrumentation.record_retry(request.endpoint.value, verdict.value)
         if verdict is Verdict.THROTTLED:
@@ -286,7 +292,7 @@ class Delivery:
         elif verdict is Verdict.RETRY:
             await self._retryable(call, response)
         elif verdict is Verdict.AUTH or verdict is Verdict.FORBIDDEN:
-            await self._key_refused(call, response, rtt)
+            await self._key_refused(call, response)
         else:
             await self._about_the_record(call, response, rtt, verdict)
         return None
@@ -321,20 +327,21 @@ class Delivery:
         if pause is None:
             await self._after_failure(call.guard.breaker, call.failures)
 
-    def _use_new_key(self, call: _Delivering, rtt: float) -> None:
-        """The key was refused and its file holds another: the next attempt goes with it at once."""
+    @staticmethod
+    def _key_changed(call: _Delivering) -> bool:
+        """Whether the key this attempt was sent with is no longer the one to use: another call found a new one
+        in the key's file since (every call in flight then is refused alike), or the file holds a new one now."""
         guard = call.guard
-        guard.limit.release(rtt)
-        guard.refresh_headers()
-        guard.breaker.released(probe=call.probe)
-        log.warning("API key changed on disk, retrying with it", extra={"destination": call.request.destination.value})
-
-    async def _key_refused(self, call: _Delivering, response: HttpResponse, rtt: float) -> None:
-        guard = call.guard
+        if call.sent_headers is not guard.headers:
+            return True
         if guard.key.reload():
-            self._use_new_key(call, rtt)
-            return
-        guard.limit.release(rtt)
+            guard.refresh_headers()
+            return True
+        return False
+
+    async def _key_refused(self, call: _Delivering, response: HttpResponse) -> None:
+        """The key was refused and none other is known (the limit's slot is already given back)."""
+        guard = call.guard
         guard.breaker.failed(Fault.AUTH, probe=call.probe)
         log.warning(
             "API key refused, will retry",

@@ -715,6 +715,36 @@ async def test_403_while_other_calls_succeed_tries_a_key_rotated_on_disk_first()
     assert h.breaker_changes == []
 
 
+@pytest.mark.parametrize("refusal", [401, 403])
+async def test_every_call_refused_in_flight_when_the_key_is_rotated_retries_with_the_new_key(refusal: int) -> None:
+    # Two calls out with the old key; the key is rotated and the old one revoked while they wait. The first
+    # refusal finds the new key in the file; the second must not be judged with a key it was not sent with.
+    gate = asyncio.Event()
+    seen: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        key = request.headers["authorization"]
+        seen.append(key)
+        if key == "Bearer ol-new-key-0000":
+            return ok()
+        await gate.wait()
+        return status(refusal)
+
+    h = harness(ok(), answer)
+    await h.deliver(req(UPDATE_ROW))  # a recent success with the old key
+    first = asyncio.create_task(h.deliver(req(PUBLISH)))
+    second = asyncio.create_task(h.deliver(req(UPDATE_ROW)))
+    await h.wire.reached(3)
+    h.keys[Destination.OPENLAYER].next_value = "ol-new-key-0000"
+    gate.set()
+
+    assert await first == DeliveryReport(status=200, attempts=2)
+    assert await second == DeliveryReport(status=200, attempts=2)
+    assert seen.count("Bearer ol-new-key-0000") == 2
+    assert h.keys[Destination.OPENLAYER].reloads == 1, "the file is read once; the second call sees the new key"
+    assert h.breaker_changes == []
+
+
 async def test_403_while_nothing_succeeds_is_a_refused_key_and_waits() -> None:
     h = harness(*[status(403)] * 5, ok())
 
