@@ -150,7 +150,7 @@ class _Delivering:
     hung: int = 0
     """Attempts cut while the endpoint answered other calls: each but the first doubles the next timeout."""
     answered_before: int = 0
-    """The endpoint's successes when the current attempt was sent."""
+    """How many answers the endpoint had given when the current attempt was sent (`AttemptTimeout.answered`)."""
     sent_headers: Mapping[str, str] | None = None
     """The destination's headers (its key) the current attempt was sent with."""
     conflicts: int = 0
@@ -241,7 +241,7 @@ class Delivery:
             guard.breaker.released(probe=call.probe)
             raise
         rtt = time.monotonic() - started
-        guard.timeouts[request.endpoint].answer()
+        timeout.answer()
         if span is not None:
             self._tracing.end_call(span, response.status, None)
         self._instrumentation.call(request.endpoint.value, request.destination.value, response.status, rtt)

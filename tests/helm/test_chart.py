@@ -655,17 +655,13 @@ EXAMPLES_NOT_DEFAULTS = frozenset({"config.kafka.saslMechanism", "config.kafka.s
 def commented_config_values() -> dict[str, Any]:
     """The `# key: value` lines under values.yaml's `config.<section>`: what the chart tells users the service uses."""
     found: dict[str, Any] = {}
-    section = None
+    in_config, section = False, None
     for line in (CHART / "values.yaml").read_text().splitlines():
-        opened = re.fullmatch(r"  (\w+):.*", line)
-        if opened:
+        if re.match(r"[^\s#]", line):  # a top-level key
+            in_config, section = line.startswith("config:"), None
+        elif in_config and (opened := re.fullmatch(r"  (\w+):.*", line)):
             section = opened.group(1)
-            continue
-        if not line.strip() or not line.startswith(" "):
-            section = None if not line.startswith("#") and line.strip() else section
-            continue
-        commented = re.fullmatch(r"    # (\w+): (.*?)(?:\s+#.*)?", line)
-        if section is not None and commented:
+        elif section is not None and (commented := re.fullmatch(r"    # (\w+): (.*?)(?:\s+#.*)?", line)):
             found[f"config.{section}.{commented.group(1)}"] = yaml.safe_load(commented.group(2))
     return found
 
