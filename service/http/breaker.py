@@ -122,8 +122,11 @@ class Breaker:
                 return True
             self._changed.clear()
             timeout = self._resume_at - now if self._state is BreakerState.OPEN else None
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns the inner result when a
+            # cancellation (a revoke) lands in the turn the breaker changes, and the record would go on to deliver.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     def succeeded(self, *, probe: bool) -> None:
         self._count(ok=True)

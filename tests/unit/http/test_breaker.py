@@ -206,3 +206,23 @@ async def test_an_auth_pause_is_capped_so_a_new_key_is_tried_soon(fault: Fault) 
         assert pause <= 5.0
     else:
         assert pause >= 15.0
+
+
+async def test_a_caller_cancelled_as_the_breaker_closes_is_cancelled() -> None:
+    """A revoke cancels a record waiting out the pause; the breaker closing in the same turn must not swallow that
+    (Python 3.11's `asyncio.wait_for` returns the inner result then, and the record went on to deliver after its
+    partition was gone)."""
+    # A pause far longer than the test: the waiter's own timeout never ends its wait here.
+    breaker, clock, _ = make(BreakerSettings(probes=1, initial_pause_s=1000.0, max_pause_s=2000.0))
+    fail_many(breaker, 40)
+    waiting = asyncio.create_task(breaker.admit())
+    await settle()
+    assert not waiting.done(), "open: it waits out the pause"
+    clock.now += 3000
+    assert await admitted(breaker) is True  # a probe
+
+    breaker.succeeded(probe=True)  # closes it: wakes the waiter, in this turn
+    waiting.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
