@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry.trace import Span
 
@@ -166,5 +167,19 @@ def build_tracing(
         # The one source of the version (service/__init__.py, below every layer), read when tracing is built.
         version=service.__version__,
     )
-    log.info("tracing on", extra={"endpoint": endpoint})
+    log.info("tracing on", extra={"endpoint": loggable_endpoint(endpoint)})
     return tracing
+
+
+def loggable_endpoint(endpoint: str) -> str:
+    """`endpoint` as it may be logged: scheme, host, port and path, without userinfo, query or fragment.
+
+    The endpoint comes from OTEL_* variables, which this service does not validate (unlike its own URLs,
+    service/config/section.py `http_url`), so it may carry a collector's `user:password@` or a token in its query;
+    the redactor knows only the BRIDGE_* secrets (service/app.py), so the log line must not hold them at all.
+    """
+    parts = urlsplit(endpoint)
+    # rpartition, not `hostname`/`port`: those lower-case the host, drop an IPv6 address's brackets and raise on a
+    # bad port, and a log line meant to show what was configured should not fail or differ from it.
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
