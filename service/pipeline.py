@@ -134,7 +134,8 @@ class Pipeline:
         # The hot path of new inferences: no task per row. The row's own future settles the
         # record's outcome; only a refused row needs a task, to write its dead letter.
         sent = self._batcher.add(row.batch_key, row.row_json, span)
-        outcome: asyncio.Future[None] = sent.get_loop().create_future()
+        outcome = _Withdrawing(loop=sent.get_loop())
+        outcome.row = sent
         sent.add_done_callback(partial(self._published, record, outcome, span))
         return self._traced(span, outcome)
 
@@ -271,6 +272,21 @@ def _settle(target: asyncio.Future[None], source: asyncio.Future[None]) -> None:
         target.set_exception(exc)
     else:
         target.set_result(None)
+
+
+class _Withdrawing(asyncio.Future[None]):
+    """A new inference's outcome: cancelling it (a stop, a revoke) withdraws its row from the batcher as well, so that
+    the row is not sent for a record its partition's next reader reads again (service/http/batching.py). A subclass
+    rather than a done callback: only a cancellation pays for it, not every row."""
+
+    __slots__ = ("row",)
+    row: asyncio.Future[None]
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self.row.cancel()
+        return True
 
 
 def _cancel_if_cancelled(work: asyncio.Future[None], outcome: asyncio.Future[None]) -> None:

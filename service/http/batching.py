@@ -10,6 +10,12 @@ and each half retried, down to single rows:
 good rows are delivered, and only the rows that are refused on their own fail, each with the
 evidence of its own call. Each submitter awaits the outcome of its own row.
 
+Cancelling a row's future withdraws the row: its record was cancelled (a stop, a revoke) and will be read
+again. It leaves its open batch, it is not sent again when its batch is split, and a batch in flight whose rows are
+all withdrawn is cancelled, so that during an outage each re-read of a partition does not leave one more copy of
+its rows waiting to be sent. Per key, only the open batch is kept: a key (a pipeline and its config) whose batch
+closed holds nothing, however many configs producers send.
+
 With tracing on, each row carries its record's span (opaque here) and a batch goes to `linked_flush`, which
 also gets those spans, so the call's span can link to them.
 """
@@ -31,10 +37,42 @@ LinkedFlush = Callable[[Hashable, Sequence[bytes], Sequence[object]], Awaitable[
 """A flush that also gets each row's trace (the span of its record), in the order of the rows."""
 
 
+class _Flight:
+    """A batch sent or being sent: its rows not withdrawn, and its task while it runs."""
+
+    __slots__ = ("live", "task")
+
+    def __init__(self, live: int) -> None:
+        self.live = live
+        self.task: asyncio.Task[None] | None = None
+
+    def withdrawn(self) -> None:
+        self.live -= 1
+        if self.live <= 0 and self.task is not None:
+            self.task.cancel()  # nobody waits for any of its rows any more
+
+
+class _RowFuture(asyncio.Future[None]):
+    """A row's outcome; cancelling it withdraws the row (see the module doc). A subclass rather than a done callback:
+    only a cancellation pays for it, not every row."""
+
+    __slots__ = ("flight",)
+    flight: _Flight | None
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        flight = self.flight
+        if flight is not None:
+            self.flight = None
+            flight.withdrawn()
+        return True
+
+
 @dataclass(slots=True)
 class _Row:
     body: bytes
-    outcome: asyncio.Future[None]
+    outcome: _RowFuture
     trace: object = None
 
 
@@ -81,9 +119,12 @@ class Batcher:
         batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = _Open()
-        if batch.rows and batch.size + len(body) > self._max_bytes:
+        elif batch.size + len(body) > self._max_bytes:  # an open batch has rows: `_close` removes it
             self._close(key, batch)
-        row = _Row(body, loop.create_future(), trace)
+            batch = self._open[key] = _Open()
+        outcome = _RowFuture(loop=loop)
+        outcome.flight = None
+        row = _Row(body, outcome, trace)
         batch.rows.append(row)
         batch.size += len(body)
         if len(batch.rows) >= self._max_rows or batch.size >= self._max_bytes:
@@ -96,18 +137,25 @@ class Batcher:
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
-        rows, batch.rows, batch.size = batch.rows, [], 0
+        if self._open.get(key) is batch:
+            del self._open[key]
+        rows = [row for row in batch.rows if not row.outcome.done()]  # not withdrawn
+        batch.rows, batch.size = [], 0
         if not rows:
             return
         self._on_batch(len(rows))
-        task = asyncio.create_task(self._send_rows(key, rows))
+        flight = _Flight(len(rows))
+        for row in rows:
+            row.outcome.flight = flight
+        task = flight.task = asyncio.create_task(self._send_rows(key, rows, flight))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send_rows(self, key: Hashable, rows: list[_Row]) -> None:
+    async def _send_rows(self, key: Hashable, rows: list[_Row], flight: _Flight) -> None:
         try:
             await self._send(key, rows)
         except asyncio.CancelledError:
+            flight.task = None  # already cancelled: the rows' cancellation below must not cancel it again
             for row in rows:
                 row.outcome.cancel()
             raise
@@ -115,6 +163,10 @@ class Batcher:
             _fail(rows, exc)
 
     async def _send(self, key: Hashable, rows: list[_Row]) -> None:
+        if any(row.outcome.done() for row in rows):  # withdrawn since the batch closed, or since it was split
+            rows = [row for row in rows if not row.outcome.done()]
+            if not rows:
+                return
         try:
             if self._linked_flush is not None and rows[0].trace is not None:  # tracing on: every row has one
                 await self._linked_flush(key, [row.body for row in rows], [row.trace for row in rows])

@@ -519,17 +519,46 @@ async def test_a_bug_in_a_batch_dead_letters_its_rows_as_internal_errors_with_th
     assert isinstance(logged.exc_info[1], RuntimeError)
 
 
-async def test_a_row_cancelled_before_its_batch_is_refused_starts_no_dead_letter() -> None:
-    b = bench(PUBLISH, api=Api(httpx.Response(422, json={"code": 422, "error": "bad row"})))
-    work = await b.pipeline.prepare(record())
+async def test_a_row_cancelled_before_its_batch_closes_is_not_sent_nor_dead_lettered() -> None:
+    # Refused with 422: were the cancelled row sent, it would be dead-lettered as well.
+    events = [NewInference(pipeline_id=PIPE, row={"n": n}, inference_id=f"inf-{n}") for n in range(2)]
+    b = bench(*events, api=Api(httpx.Response(422, json={"code": 422, "error": "bad row"})))
+    cancelled = (await b.pipeline.prepare(record(offset=0))).start(LENDER)
+    kept = (await b.pipeline.prepare(record(offset=1))).start(LENDER)
 
-    outcome = work.start(LENDER)
-    outcome.cancel()  # a stop or revoke before the batch was answered: the record will be read again
-    await _sent(b)
-    await _quiet()  # the batch was refused, and every callback of its rows ran
+    cancelled.cancel()  # a stop or revoke before the batch closed: the record will be read again
+    await asyncio.wait_for(kept, 10)
+    await _quiet()
 
+    assert [json.loads(r.content)["rows"] for r in b.api.requests] == [[{"n": 1, "inference_id": "inf-1"}]]
+    assert [dict(letter.headers)["__connect.errors.offset"] for letter in b.producer.acknowledged] == [b"1"]
+
+
+async def test_a_batch_in_flight_whose_records_were_all_cancelled_is_given_up() -> None:
+    """Each revoke during an outage cancels the partition's records, and each re-read starts them again: the calls
+    of the cancelled ones must not pile up, each waiting to send one more copy of the rows."""
+    release = asyncio.Event()
+
+    async def hung(request: httpx.Request) -> httpx.Response:  # an API that does not answer
+        await release.wait()
+        return httpx.Response(200, json={"success": True})
+
+    b = bench(PUBLISH, api=Api(handler=hung))  # type: ignore[arg-type]
+    for reads in range(1, 6):  # the partition read again after each revoke
+        outcome = (await b.pipeline.prepare(record(offset=7))).start(LENDER)
+        await asyncio.wait_for(_called(b, reads), 10)  # its batch's call is in flight
+        outcome.cancel()
+        await _quiet()  # the batch's task ended: nothing of the cancelled record is left running
+
+    release.set()
+    assert len(b.api.requests) == 5
     assert b.producer.acknowledged == []
-    assert not b.producer.sending.is_set()
+
+
+async def _called(b: Bench, calls: int) -> None:
+    while len(b.api.requests) < calls:
+        await b.api.called.wait()
+        b.api.called.clear()
 
 
 async def test_cancelling_a_refused_row_cancels_its_dead_letter_write() -> None:

@@ -19,9 +19,11 @@ class FakeApi:
         self.calls: list[tuple[Hashable, list[bytes]]] = []
         self.bad = bad
         self.status = status
+        self.called = asyncio.Event()
 
     async def flush(self, key: Hashable, rows: Sequence[bytes]) -> None:
         self.calls.append((key, list(rows)))
+        self.called.set()
         await asyncio.sleep(0)
         if self.bad & set(rows):
             evidence = HttpEvidence(method="POST", url="http://api/x", status=self.status, body="bad row")
@@ -125,3 +127,83 @@ async def test_after_aclose_a_waiting_row_is_never_sent() -> None:
     assert api.calls == []
     assert not row.done(), "left for the partition's next reader"
     row.cancel()
+
+
+async def test_a_closed_batch_leaves_nothing_kept_for_its_key() -> None:
+    """Producers may put per-record values in a config (its metadata is a free map): each is a key of its own, and
+    the batcher must not keep one entry per key it ever saw."""
+    api = FakeApi()
+    batcher = _batcher(api, max_rows=2)
+    rows = [batcher.add(("pipe", f"config-{n}"), b"row") for n in range(100)]
+    rows += [batcher.add("k", b"a"), batcher.add("k", b"b")]  # closed at max_rows
+    await asyncio.wait_for(asyncio.gather(*rows), 10)  # the others closed at the linger time
+
+    assert len(api.calls) == 101
+    assert batcher._open == {}
+
+
+async def test_a_withdrawn_row_leaves_its_open_batch() -> None:
+    api = FakeApi()
+    batcher = _batcher(api)
+    withdrawn, kept = batcher.add("k", b"gone"), batcher.add("k", b"kept")
+
+    withdrawn.cancel()  # its record was cancelled (a stop, a revoke): it is read again
+    await asyncio.wait_for(kept, 10)
+
+    assert api.calls == [("k", [b"kept"])]
+
+
+async def test_a_split_batch_does_not_send_rows_withdrawn_meanwhile() -> None:
+    rows = [f"r{i}".encode() for i in range(4)]
+    api = FakeApi(bad=frozenset({b"r0"}))
+    batcher = _batcher(api)
+    outcomes = [batcher.add("k", row) for row in rows]
+    await asyncio.wait_for(api.called.wait(), 10)  # the whole batch went out
+
+    outcomes[3].cancel()  # withdrawn while the batch's call was refused and is about to be split
+    done = await asyncio.wait_for(asyncio.gather(*outcomes[:3], return_exceptions=True), 10)
+
+    assert [type(o) for o in done] == [RejectedError, type(None), type(None)]
+    assert all(b"r3" not in batch for _key, batch in api.calls[1:]), "not sent again once withdrawn"
+
+
+async def test_a_batch_in_flight_goes_on_for_the_rows_not_withdrawn() -> None:
+    release = asyncio.Event()
+    called = asyncio.Event()
+    calls: list[list[bytes]] = []
+
+    async def flush(key: Hashable, rows: Sequence[bytes]) -> None:
+        calls.append(list(rows))
+        called.set()
+        await release.wait()
+
+    batcher = Batcher(flush, max_rows=2, max_bytes=10_000, linger_s=0.01)
+    withdrawn, kept = batcher.add("k", b"a"), batcher.add("k", b"b")
+    await asyncio.wait_for(called.wait(), 10)
+
+    withdrawn.cancel()
+    release.set()
+
+    await asyncio.wait_for(kept, 10)
+    assert calls == [[b"a", b"b"]]
+
+
+async def test_a_batch_in_flight_whose_rows_are_all_withdrawn_is_cancelled() -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def flush(key: Hashable, rows: Sequence[bytes]) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # an API that never answers
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    batcher = Batcher(flush, max_rows=2, max_bytes=10_000, linger_s=0.01)
+    rows = [batcher.add("k", b"a"), batcher.add("k", b"b")]
+    await asyncio.wait_for(started.wait(), 10)
+
+    rows[0].cancel()
+    rows[1].cancel()
+
+    await asyncio.wait_for(cancelled.wait(), 10)
