@@ -159,8 +159,9 @@ class Pipeline:
         error = exc if isinstance(exc, RecordError) else _bug(record, exc, "publishing", span)
         writing = self._start_dead_letter(record, error, span)
         writing.add_done_callback(partial(_settle, outcome))
-        # As for any other record: cancelling it (stop, revoke) cancels its dead-letter write, so a
-        # write cannot outlive the partition and be repeated by its next owner.
+        # As for any other record: cancelling it (stop, revoke) cancels its dead-letter write, so the write
+        # does not go on waiting (its retries, a slow topic) after the partition is gone. A letter the producer
+        # already queued may still be written, and written again by the partition's next owner: at least once.
         outcome.add_done_callback(partial(_cancel_if_cancelled, writing))
 
     async def _deliver(
