@@ -116,12 +116,28 @@ class SchemaRegistry:
 
 def _parse_avro_record(schema_id: int, text: str) -> ParsedSchema:
     try:
-        parsed = parse_schema(orjson.loads(text))
+        parsed = parse_schema(_without_logical_types(orjson.loads(text)))
     except Exception as exc:  # untrusted schema text: whatever fastavro raises, the schema is unusable
         raise _unsupported(schema_id, f"it does not parse as Avro: {type(exc).__name__}: {exc}") from exc
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         raise _unsupported(schema_id, "it is not an Avro record schema")
     return parsed
+
+
+def _without_logical_types(schema: Any) -> Any:
+    """The writer schema with its `logicalType`s taken out: fastavro applies a writer's logical types even where the
+    shipped reader schema has none, so a long written as `timestamp-millis` (a Java producer's Instant) would reach
+    the API as an ISO-8601 string, a `date` as a date. Their encoding is their underlying type's, so leaving them
+    out reads the values as the producer wrote them."""
+    if isinstance(schema, dict):  # a field's default is a value, not a schema: kept as it is
+        return {
+            key: value if key == "default" else _without_logical_types(value)
+            for key, value in schema.items()
+            if key != "logicalType"
+        }
+    if isinstance(schema, list):
+        return [_without_logical_types(value) for value in schema]
+    return schema
 
 
 def _unsupported(schema_id: int, why: str) -> DecodeError:

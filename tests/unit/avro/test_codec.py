@@ -704,3 +704,33 @@ def test_every_field_is_documented(kind: EventKind) -> None:
 
     undocumented = [f["name"] for f in fields(raw_schema(kind)) if not f.get("doc")]
     assert undocumented == []
+
+
+@pytest.mark.parametrize(
+    ("value_type", "value"),
+    [
+        ({"type": "long", "logicalType": "timestamp-millis"}, 1_700_000_000_000),  # a Java producer's Instant
+        ({"type": "long", "logicalType": "timestamp-micros"}, 1_700_000_000_000_000),
+        ({"type": "long", "logicalType": "local-timestamp-millis"}, 1_700_000_000_000),
+        ({"type": "int", "logicalType": "date"}, 19_675),
+        ({"type": "int", "logicalType": "time-millis"}, 3_600_000),
+        ({"type": "string", "logicalType": "uuid"}, "5b7c8a8e-2f0e-4a53-9d43-0d6c0a8b6f10"),
+    ],
+)
+async def test_a_writers_logical_types_do_not_change_row_values(
+    confluent_codec: AvroCodec, transport: FakeRegistryTransport, value_type: Json, value: Any
+) -> None:
+    """Row values reach the API as the producer wrote them: the shipped schemas have no logical types, and a
+    writer's must not turn a long into a datetime (sent as an ISO-8601 string) on the way."""
+    writer = raw_schema(EventKind.INFERENCE)
+    for field in writer["fields"]:
+        if field["name"] == "row":
+            field["type"] = {"type": "map", "values": ["null", "string", value_type]}
+    record, _ = SAMPLES[EventKind.INFERENCE]
+    body = plain(EventKind.INFERENCE, {**record, "row": {"output": "42", "value": value}}, writer)
+
+    event = await confluent_codec.decode(EventKind.INFERENCE, framed(transport.register(41, writer), body))
+
+    assert isinstance(event, NewInference)
+    assert event.row["value"] == value
+    assert type(event.row["value"]) is type(value)
