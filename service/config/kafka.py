@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import (
     Field,
     SecretStr,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from service.config.section import DAY_S, INT32_MAX, Section
 
@@ -63,6 +67,19 @@ class KafkaSettings(Section):
 
     _file_backed = ("sasl_password",)
 
+    @field_validator("ssl_cafile", "ssl_certfile", "ssl_keyfile", mode="after")
+    @classmethod
+    def _tls_file_readable(cls, value: str | None) -> str | None:
+        # The files are opened only when the Kafka clients are built (service/kafka/clients.py), where a missing
+        # one failed `run` with a bare "[Errno 2] No such file or directory" (exit 1) and passed check-config.
+        # Opened here, a problem is a settings error like any other: exit 2, a line naming the variable (the
+        # field is the error's location, see service/config/settings.py `_describe`) and the path, never content.
+        if value:
+            problem = tls_file_problem(Path(value))
+            if problem is not None:
+                raise PydanticCustomError("tls_file", "{problem}", {"problem": problem})
+        return value
+
     @model_validator(mode="after")
     def _tls_consistent(self) -> KafkaSettings:
         tls_files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
@@ -84,6 +101,25 @@ class KafkaSettings(Section):
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
             )
         return self
+
+
+def tls_file_problem(path: Path) -> str | None:
+    """Why the TLS file at `path` cannot be used (names the path, never the content), or None when it can be read."""
+    try:
+        # Opened, not just stat()ed: a file the service's user may not read exists but fails later all the same.
+        # O_NONBLOCK so that a FIFO at the path fails the check below instead of hanging start-up in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or type(exc).__name__}"
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file"
+    if info.st_size == 0:
+        return f"{path} is empty"  # an empty key of a mounted Secret: TLS would fail with an OpenSSL error
+    return None
 
 
 class TopicSettings(Section):

@@ -768,38 +768,117 @@ def test_check_config_refuses_a_huge_finite_timeout_naming_it() -> None:
     assert done.stdout == ""
 
 
+TLS_FILES = {
+    "BRIDGE_KAFKA__SSL_CAFILE": "ca.pem",
+    "BRIDGE_KAFKA__SSL_CERTFILE": "c.pem",
+    "BRIDGE_KAFKA__SSL_KEYFILE": "k.pem",
+}
+# Stand-ins: the settings check that each file can be read, not what it holds (the Kafka client factory does,
+# tests/unit/kafka/test_clients.py, with real certificates).
+PEM_STAND_IN = "-----BEGIN CERTIFICATE-----\nnot-checked-here\n-----END CERTIFICATE-----\n"
+
+
+def _tls_files(tmp_path: Path, *names: str) -> dict[str, str]:
+    """The variables `names` (of TLS_FILES), each pointing at a real readable file under `tmp_path`."""
+    paths = {name: tmp_path / TLS_FILES[name] for name in names}
+    for path in paths.values():
+        path.write_text(PEM_STAND_IN)
+    return {name: str(path) for name, path in paths.items()}
+
+
 @pytest.mark.parametrize(
-    ("overrides", "fragment"),
+    ("protocol", "names", "fragment"),
     [
-        pytest.param({"BRIDGE_KAFKA__SSL_CAFILE": "/ca.pem"}, "has no TLS", id="tls-file-without-tls"),
-        pytest.param(
-            {"BRIDGE_KAFKA__SECURITY_PROTOCOL": "SSL", "BRIDGE_KAFKA__SSL_KEYFILE": "/k.pem"},
-            "both ssl_certfile and ssl_keyfile",
-            id="key-without-cert",
-        ),
-        pytest.param(
-            {"BRIDGE_KAFKA__SECURITY_PROTOCOL": "SSL", "BRIDGE_KAFKA__SSL_CERTFILE": "/c.pem"},
-            "both ssl_certfile and ssl_keyfile",
-            id="cert-without-key",
-        ),
+        pytest.param("PLAINTEXT", ["BRIDGE_KAFKA__SSL_CAFILE"], "has no TLS", id="tls-file-without-tls"),
+        pytest.param("SSL", ["BRIDGE_KAFKA__SSL_KEYFILE"], "both ssl_certfile and ssl_keyfile", id="key-without-cert"),
+        pytest.param("SSL", ["BRIDGE_KAFKA__SSL_CERTFILE"], "both ssl_certfile and ssl_keyfile", id="cert-without-key"),
     ],
 )
-def test_inconsistent_tls_settings_are_refused(overrides: dict[str, str], fragment: str) -> None:
-    message = load_error(env(**overrides))
+def test_inconsistent_tls_settings_are_refused(tmp_path: Path, protocol: str, names: list[str], fragment: str) -> None:
+    message = load_error(env(BRIDGE_KAFKA__SECURITY_PROTOCOL=protocol, **_tls_files(tmp_path, *names)))
     assert "BRIDGE_KAFKA" in message
     assert fragment in message
 
 
-def test_mutual_tls_settings_are_accepted() -> None:
-    settings = load_settings(
-        env(
-            BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL",
-            BRIDGE_KAFKA__SSL_CAFILE="/ca.pem",
-            BRIDGE_KAFKA__SSL_CERTFILE="/c.pem",
-            BRIDGE_KAFKA__SSL_KEYFILE="/k.pem",
-        )
+def test_mutual_tls_settings_are_accepted(tmp_path: Path) -> None:
+    files = _tls_files(tmp_path, *TLS_FILES)
+
+    settings = load_settings(env(BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL", **files))
+
+    assert settings.kafka.ssl_cafile == files["BRIDGE_KAFKA__SSL_CAFILE"]
+    assert (settings.kafka.ssl_certfile, settings.kafka.ssl_keyfile) == (
+        files["BRIDGE_KAFKA__SSL_CERTFILE"],
+        files["BRIDGE_KAFKA__SSL_KEYFILE"],
     )
-    assert (settings.kafka.ssl_certfile, settings.kafka.ssl_keyfile) == ("/c.pem", "/k.pem")
+
+
+def _fifo(directory: Path) -> Path:
+    path = directory / "fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        pytest.param(lambda d: d / "absent.pem", "cannot read {path}: No such file or directory", id="missing"),
+        pytest.param(lambda d: d / "absent" / "ca.pem", "cannot read {path}: No such file or directory", id="no-dir"),
+        pytest.param(lambda d: d, "{path} is not a regular file", id="directory"),
+        pytest.param(_fifo, "{path} is not a regular file", id="fifo"),
+        pytest.param(lambda d: _secret_file(d, "", "empty.pem"), "{path} is empty", id="empty"),
+    ],
+)
+@pytest.mark.parametrize("name", list(TLS_FILES))
+def test_an_unusable_tls_file_is_one_line_naming_the_variable_and_the_path(
+    tmp_path: Path, name: str, make: Callable[[Path], Path], problem: str
+) -> None:
+    files = _tls_files(tmp_path, *TLS_FILES)
+    path = make(tmp_path)
+
+    message = load_error(env(BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL", **{**files, name: str(path)}))
+
+    assert message == f"1 setting(s) invalid:\n  {name}: {problem.format(path=path)}"
+
+
+def test_every_unusable_tls_file_is_named_with_every_other_problem(tmp_path: Path) -> None:
+    environ = {name: str(tmp_path / f"absent-{file}") for name, file in TLS_FILES.items()}
+
+    message = load_error({**environ, "BRIDGE_KAFKA__SECURITY_PROTOCOL": "SSL", "BRIDGE_DELIVERY__MAX_CONNECTIONS": "0"})
+
+    assert message.startswith("7 setting(s) invalid"), message
+    for name, path in environ.items():
+        assert f"  {name}: cannot read {path}: No such file or directory" in message.splitlines()
+    for name in ("BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "BRIDGE_DELIVERY__MAX_CONNECTIONS", "BRIDGE_OPENLAYER__API_KEY"):
+        assert name in message, name
+
+
+def test_a_tls_file_content_never_appears_in_an_error(tmp_path: Path) -> None:
+    # A readable key file in a section with another problem: the error names the problem, not what the file holds.
+    secret = "tls-key-material-4e8a1f"
+    key = _secret_file(tmp_path, f"-----BEGIN PRIVATE KEY-----\n{secret}\n-----END PRIVATE KEY-----\n", "k.pem")
+    files = _tls_files(tmp_path, "BRIDGE_KAFKA__SSL_CERTFILE")
+
+    message = load_error(
+        env(BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL", BRIDGE_KAFKA__SSL_KEYFILE=str(key), BRIDGE_KAFKA__SSL_CAFILE="/no")
+        | files
+    )
+
+    assert "BRIDGE_KAFKA__SSL_CAFILE: cannot read /no" in message
+    assert secret not in message
+
+
+def test_check_config_refuses_a_missing_tls_file_naming_the_variable_and_the_path(tmp_path: Path) -> None:
+    # The reviewer's case: a typo in the CA path passed check-config and `run` exited 1 naming nothing.
+    cafile = tmp_path / "ca-typo.pem"
+
+    done = _run_cli(env(BRIDGE_KAFKA__SECURITY_PROTOCOL="SSL", BRIDGE_KAFKA__SSL_CAFILE=str(cafile)), "check-config")
+
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"inference-bridge: 1 setting(s) invalid:\n  BRIDGE_KAFKA__SSL_CAFILE: cannot read {cafile}: "
+        "No such file or directory\n"
+    )
+    assert done.stdout == ""
 
 
 # --- secrets from files (a Kubernetes Secret mounted as a volume) --------------------------------------------
