@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
 
-from service.ops.health import HealthState, OpsServer
+from service.ops.health import MAX_HEADER_LINES, MAX_LINE_BYTES, HealthState, OpsServer
 from service.ops.metrics import Metrics
 
 
@@ -182,3 +183,54 @@ async def test_a_stopped_port_refuses_connections(state: HealthState, metrics: M
 
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+# --- requests too large to read ---------------------------------------------------------------------------------
+
+
+async def handlers_done() -> None:
+    """Wait for the port's connection handlers to end: asyncio reports a handler that raised only once it has ended
+    (its done callback runs before gather's, so the report, if any, is in the log when this returns)."""
+    handlers = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "OpsServer._handle"]
+    await asyncio.gather(*handlers, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "body"),
+    [
+        pytest.param(
+            b"GET /" + b"a" * MAX_LINE_BYTES + b" HTTP/1.1\r\n\r\n", 414, b"request line too long\n", id="request-line"
+        ),
+        pytest.param(b"GET /" + b"a" * (2 * MAX_LINE_BYTES), 414, b"request line too long\n", id="no-line-end"),
+        pytest.param(
+            b"GET /livez HTTP/1.1\r\nCookie: " + b"c" * MAX_LINE_BYTES + b"\r\n\r\n",
+            431,
+            b"headers too large\n",
+            id="header-line",
+        ),
+        pytest.param(
+            b"GET /livez HTTP/1.1\r\n" + b"X-Filler: x\r\n" * (MAX_HEADER_LINES + 1) + b"\r\n",
+            431,
+            b"headers too large\n",
+            id="too-many-headers",
+        ),
+    ],
+)
+async def test_a_request_too_large_is_refused_and_logged_at_debug_only(
+    port: int, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int, body: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    answer = await ask(port, request_bytes)
+    await handlers_done()
+
+    assert (answer.status, answer.body) == (status, body)
+    assert answer.headers["connection"] == "close"
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.levelno > logging.INFO] == []
+    assert (await get(port, "/livez")).status == 200, "the port still answers"
+
+
+async def test_a_request_with_the_most_header_lines_allowed_is_answered(port: int) -> None:
+    request = b"GET /livez HTTP/1.1\r\n" + b"X-Filler: x\r\n" * MAX_HEADER_LINES + b"\r\n"
+
+    assert (await ask(port, request)).status == 200
