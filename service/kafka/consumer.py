@@ -47,6 +47,11 @@ class LoopSettings:
     revoke_drain_timeout_s: float | None = None
     """The drain of a revoke, kept within the group's rebalance (service/kafka/clients.py `revoke_drain_s`);
     None: `drain_timeout_s`, as a stop."""
+    commit_timeout_s: float = 5.0
+    """A commit not answered within this is given up (a warning; the next tick tries again). aiokafka retries a
+    commit for as long as the group's coordinator is unknown, so with the broker gone the loop stopped turning and
+    a stop never ended; a stop makes two commits (before and after its drain) within the chart's
+    terminationGraceExtraSeconds (15 s)."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -265,8 +270,15 @@ class ConsumerLoop:
             return
         started = self._clock()
         try:
-            await self._consumer.commit(offsets)
+            async with asyncio.timeout(self._settings.commit_timeout_s):
+                await self._consumer.commit(offsets)
             self._instrumentation.record_commit(self._clock() - started)
+        except TimeoutError:
+            log.warning(
+                "commit not answered, will retry on the next tick",
+                extra={"timeout_s": self._settings.commit_timeout_s},
+            )
+            return
         except CommitFailedError as exc:
             # The group rebalanced under us; the new owner re-reads from the last commit.
             log.warning("commit refused by the group, records will be redelivered", extra={"error": str(exc)})

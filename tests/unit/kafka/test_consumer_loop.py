@@ -56,6 +56,8 @@ class FakeConsumer:
         self.paused: set[TopicPartition] = set()
         self.highwaters: dict[TopicPartition, int] = {}
         self.refuse_next_commit: Exception | None = None
+        self.hang_commits = False
+        self.hung_commits = 0
         self.listener: Any = None
         self.unsubscribed = False
         self.polls = 0
@@ -127,6 +129,9 @@ class FakeConsumer:
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         self._touch()
+        if self.hang_commits:  # as aiokafka's does while the group's coordinator is unknown (the broker is gone)
+            self.hung_commits += 1
+            await asyncio.Event().wait()
         if self.refuse_next_commit is not None:
             error, self.refuse_next_commit = self.refuse_next_commit, None
             raise error
@@ -417,6 +422,37 @@ async def test_a_failed_commit_is_tried_again_on_the_next_tick(benches: Benches,
     assert consumer.commits == [{TP: 4}]
     assert bench.loop.committed == {TP: 4}
     await bench.stopped()
+
+
+async def test_a_commit_that_hangs_is_given_up_and_tried_again_on_the_next_tick(benches: Benches) -> None:
+    consumer, outcomes = FakeConsumer(), Outcomes()
+    consumer.feed(TP, 0, 4)
+    consumer.hang_commits = True
+    bench = benches(consumer, outcomes, commit_interval_s=1.0, commit_timeout_s=0.05)
+    await consumer.until(lambda: outcomes.started() == 4)
+
+    await bench.tick(1.0)
+    await consumer.until(lambda: consumer.hung_commits == 1)
+    consumer.hang_commits = False
+    await bench.tick(1.0)  # the loop turns again: the hung commit was given up
+
+    await consumer.until(lambda: consumer.commits == [{TP: 4}])
+    assert bench.loop.committed == {TP: 4}
+    await bench.stopped()
+
+
+async def test_a_stop_ends_while_commits_hang(benches: Benches) -> None:
+    """SIGTERM with the broker gone: the drain is bounded, and so are the commits before and after it."""
+    consumer, outcomes = FakeConsumer(), Outcomes()
+    consumer.feed(TP, 0, 4)
+    consumer.hang_commits = True
+    bench = benches(consumer, outcomes, commit_timeout_s=0.05)
+    await consumer.until(lambda: outcomes.started() == 4)
+
+    await bench.stopped()  # fails (its guard) rather than hangs
+
+    assert consumer.hung_commits == 2  # before the drain and after it
+    assert bench.loop.committed == {}
 
 
 async def test_a_fatal_outcome_stops_the_loop_unhealthy_and_nothing_past_it_is_committed(benches: Benches) -> None:
