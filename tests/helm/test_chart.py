@@ -169,11 +169,14 @@ def secret_file(docs: Iterable[Manifest], path: str) -> tuple[str, str]:
     raise AssertionError(f"{path} is not in a mounted Secret volume")
 
 
+KAFKA_TLS_FILES = frozenset(f"BRIDGE_KAFKA__SSL_{name}" for name in ("CAFILE", "CERTFILE", "KEYFILE"))
+
+
 def resolved_environ(docs: Iterable[Manifest], files: Path) -> dict[str, str]:
     """The BRIDGE_* environment the pod would see, with a stand-in for each Secret value.
 
-    A `*_FILE` variable must point into a mounted Secret; it is pointed at a stand-in file under `files` instead,
-    since the service reads the file while loading its settings.
+    A `*_FILE` variable, and a Kafka TLS file, must point into a mounted Secret; it is pointed at a stand-in file
+    under `files` instead, since the service reads (or checks) the file while loading its settings.
     """
     docs = list(docs)
     environ = {}
@@ -181,7 +184,7 @@ def resolved_environ(docs: Iterable[Manifest], files: Path) -> dict[str, str]:
         if "valueFrom" in entry:
             ref = entry["valueFrom"]["secretKeyRef"]
             environ[name] = stand_in(ref["name"], ref["key"])
-        elif name.endswith("_FILE"):
+        elif name.endswith("_FILE") or name in KAFKA_TLS_FILES:
             secret, key = secret_file(docs, entry["value"])
             local = files / f"{secret}.{key}"
             local.write_text(stand_in(secret, key) + "\n")
@@ -490,7 +493,11 @@ def test_full_environment_is_accepted_by_the_service_with_the_values_given(
     assert settings.kafka.commit_interval_s == 2.5
     assert settings.kafka.sasl_password is not None
     assert settings.kafka.sasl_password.get_secret_value() == "from-secret-inference-bridge-keys-kafka-password"
-    assert settings.kafka.ssl_cafile == "/etc/inference-bridge/kafka-tls/ca.crt"
+    environ = bridge_env(full_docs)
+    assert environ["BRIDGE_KAFKA__SSL_CAFILE"]["value"] == "/etc/inference-bridge/kafka-tls/ca.crt"
+    assert settings.kafka.ssl_cafile == str(
+        tmp_path / "{}.{}".format(*secret_file(full_docs, "/etc/inference-bridge/kafka-tls/ca.crt"))
+    )
     assert settings.topics.dead_letter_topic("prod.inferences") == "prod.inferences.dlq"
     assert settings.topics.dead_letter_topic("prod.log-updates") == "prod.log-updates.dead"
     assert settings.openlayer.pipeline_configs["pipeline-123"]["inferenceIdColumnName"] == "id"
