@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.config.credentials import header_problem
 from service.config.section import Section, http_url
 
 
@@ -43,9 +44,14 @@ class OpenlayerSettings(Section):
     @field_validator("api_key")
     @classmethod
     def _key_present(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
+        # Without surrounding whitespace, as a key file is read: a Secret made from a file with its newline and
+        # set as an environment variable carries that newline.
+        key = value.get_secret_value().strip()
+        if not key:
             raise ValueError("must not be empty")
-        return value
+        if problem := header_problem(key):
+            raise ValueError(f"the key {problem}")
+        return SecretStr(key)
 
 
 class HumanloopSettings(Section):

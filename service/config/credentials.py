@@ -46,6 +46,15 @@ def read_secret_file(path: Path) -> str:
     return value
 
 
+def header_problem(key: str) -> str | None:
+    """Why `key` cannot travel in an HTTP header, or None. Only printable ASCII can: a line break inside a key file
+    (two keys pasted one under the other) or a non-ASCII character (a typographic quote pasted along) made every
+    call fail in the client, so every record was dead-lettered. The character is not named: it is part of the key."""
+    if key.isascii() and key.isprintable():
+        return None
+    return "holds a line break, a control character or a non-ASCII character, which no HTTP header can carry"
+
+
 class ApiKey:
     """The current key of one API destination; `value` is read per call, `reload` after a 401/403.
 
@@ -106,6 +115,8 @@ class ApiKey:
         self._last_reload = now
         try:
             value = read_secret_file(self._path)
+            if problem := header_problem(value):
+                raise SecretFileError(f"{self._path} {problem}")
         except SecretFileError as exc:
             problem = str(exc)
             if problem not in self._reported:

@@ -177,6 +177,8 @@ def test_the_interval_can_be_chosen(key_file: Path, clock: FakeClock) -> None:
         pytest.param(lambda p: p.write_text(""), id="empty"),
         pytest.param(lambda p: p.write_text("\n"), id="blank"),
         pytest.param(lambda p: p.write_bytes(b"\xff\xfe"), id="not-text"),
+        pytest.param(lambda p: p.write_text(f"{NEW_KEY}\n{OLD_KEY}\n"), id="two-lines"),
+        pytest.param(lambda p: p.write_text(f"\u201c{NEW_KEY}\u201d"), id="not-ascii"),
     ],
 )
 def test_an_unusable_file_keeps_the_current_key(

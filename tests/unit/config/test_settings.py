@@ -309,6 +309,34 @@ def test_an_empty_api_key_is_rejected() -> None:
     assert "BRIDGE_OPENLAYER__API_KEY" in message
 
 
+@pytest.mark.parametrize("key", ["ol-key-1\nol-key-2", "ol-key\t1", "\u201col-key\u201d", "ol-key\x7f"])
+def test_an_api_key_no_http_header_can_carry_is_refused_without_being_shown(key: str) -> None:
+    message = load_error(env(BRIDGE_OPENLAYER__API_KEY=key))
+
+    assert "BRIDGE_OPENLAYER__API_KEY" in message
+    assert "no HTTP header can carry" in message
+    assert "ol-key" not in message
+
+
+def test_an_api_key_file_no_http_header_can_carry_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_text("hl-key-1\nhl-key-2\n")
+    environ = {k: v for k, v in env().items() if k != "BRIDGE_HUMANLOOP__API_KEY"}
+
+    message = load_error({**environ, "BRIDGE_HUMANLOOP__API_KEY_FILE": str(path)})
+
+    assert "BRIDGE_HUMANLOOP__API_KEY" in message
+    assert "no HTTP header can carry" in message
+    assert "hl-key" not in message
+
+
+def test_an_api_keys_surrounding_whitespace_is_dropped_as_a_files_is() -> None:
+    """A Secret made from a file keeps the file's newline when it is set as an environment variable."""
+    settings = load_settings(env(BRIDGE_OPENLAYER__API_KEY=" ol-key-1\n"))
+
+    assert settings.openlayer.api_key.get_secret_value() == "ol-key-1"
+
+
 def test_the_three_topics_must_be_distinct() -> None:
     message = load_error(env(BRIDGE_TOPICS__ROW_UPDATES="inferences"))
 
