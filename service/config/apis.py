@@ -41,6 +41,20 @@ class OpenlayerSettings(Section):
     _file_backed = ("api_key",)
     _check_url = field_validator("base_url")(http_url)
 
+    @field_validator("pipeline_configs")
+    @classmethod
+    def _pipeline_configs_name_their_id_column(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for pipeline_id, config in value.items():
+            _id_column_named(config, f"pipeline {pipeline_id!r}: ")
+        return value
+
+    @field_validator("default_config")
+    @classmethod
+    def _default_config_names_its_id_column(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _id_column_named(value, "")
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _key_present(cls, value: SecretStr) -> SecretStr:
@@ -52,6 +66,16 @@ class OpenlayerSettings(Section):
         if problem := header_problem(key):
             raise ValueError(f"the key {problem}")
         return SecretStr(key)
+
+
+def _id_column_named(config: dict[str, Any], where: str) -> None:
+    """An operator's config that names its inference-id column names one: otherwise every record of its pipelines
+    would be dead-lettered (`invalid-config`, service/apis/openlayer.py) for the operator's mistake, not theirs."""
+    if "inferenceIdColumnName" not in config:
+        return  # BRIDGE_OPENLAYER__INFERENCE_ID_COLUMN
+    column = config["inferenceIdColumnName"]
+    if not isinstance(column, str) or not column:
+        raise ValueError(f"{where}inferenceIdColumnName must be a column name, got {column!r}")
 
 
 class HumanloopSettings(Section):

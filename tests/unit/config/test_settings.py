@@ -1077,3 +1077,28 @@ def test_check_config_reads_key_files_and_prints_their_paths_only(tmp_path: Path
     assert printed["humanloop"]["api_key_file"] == str(hl)
     for secret in (OL_KEY, HL_KEY):
         assert secret not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("column", ["null", '""', "7", '["id"]'])
+@pytest.mark.parametrize("variable", ["BRIDGE_OPENLAYER__PIPELINE_CONFIGS", "BRIDGE_OPENLAYER__DEFAULT_CONFIG"])
+def test_an_operator_config_must_name_a_real_inference_id_column(variable: str, column: str) -> None:
+    """Else every record of its pipelines would be dead-lettered as invalid-config, for the operator's mistake."""
+    config = f'{{"outputColumnName": "output", "inferenceIdColumnName": {column}}}'
+    value = f'{{"pipeline-1": {config}}}' if variable.endswith("PIPELINE_CONFIGS") else config
+
+    message = load_error(env(**{variable: value}))
+
+    assert variable in message
+    assert "inferenceIdColumnName must be a column name" in message
+
+
+def test_an_operator_config_may_leave_the_inference_id_column_to_its_setting() -> None:
+    settings = load_settings(
+        env(
+            BRIDGE_OPENLAYER__PIPELINE_CONFIGS='{"p": {"outputColumnName": "o", "inferenceIdColumnName": "id"}}',
+            BRIDGE_OPENLAYER__DEFAULT_CONFIG='{"outputColumnName": "o"}',
+        )
+    )
+
+    assert settings.openlayer.pipeline_configs["p"]["inferenceIdColumnName"] == "id"
+    assert settings.openlayer.default_config == {"outputColumnName": "o"}
