@@ -12,7 +12,11 @@ from opentelemetry.trace import (
     TraceState,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.trace.span import _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH
+from opentelemetry.trace.span import (
+    _TRACECONTEXT_MAXIMUM_TRACESTATE_KEYS,
+    _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH,
+    _member_pattern,
+)
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -53,8 +57,29 @@ def producer_parent(headers: Sequence[tuple[str, bytes]]) -> Parent | None:
         trace_id, span_id, flags = found
     state = None
     if tracestate is not None and len(tracestate) <= _TRACESTATE_MAX:
-        state = TraceState.from_header([tracestate.decode("latin-1")])
+        state = _trace_state(tracestate.decode("latin-1"))
     return trace_id, span_id, flags, state
+
+
+def _trace_state(header: str) -> TraceState:
+    """The header as `TraceState.from_header` reads it (a malformed member, a repeated key or too many keys: an empty
+    state), without its warning: a producer that writes a malformed `tracestate` on every record would log a line
+    for every record."""
+    pairs: dict[str, str] = {}
+    for member in header.split(","):
+        member = member.strip(" \t")  # optional whitespace (RFC 9110, 5.6.3); empty members are allowed
+        if not member:
+            continue
+        match = _member_pattern.fullmatch(member)
+        if match is None:
+            return TraceState()
+        key, value = match.groups()
+        if key in pairs:
+            return TraceState()
+        pairs[key] = value
+    if len(pairs) > _TRACECONTEXT_MAXIMUM_TRACESTATE_KEYS:
+        return TraceState()
+    return TraceState(list(pairs.items()))
 
 
 def _general_traceparent(traceparent: bytes) -> tuple[int, int, int] | None:

@@ -294,6 +294,11 @@ def test_the_no_op_path_costs_next_to_nothing() -> None:
     [
         [("traceparent", TRACEPARENT)],
         [("traceparent", TRACEPARENT), ("tracestate", "vendor=abc,other=x-1")],
+        [("traceparent", TRACEPARENT), ("tracestate", " vendor=abc ,, other=x-1\t")],
+        [("traceparent", TRACEPARENT), ("tracestate", "vendor=abc,Not Valid")],
+        [("traceparent", TRACEPARENT), ("tracestate", "vendor=abc,vendor=def")],
+        [("traceparent", TRACEPARENT), ("tracestate", ",".join(f"k{n}=v" for n in range(33)))],
+        [("traceparent", TRACEPARENT), ("tracestate", ",".join(f"k{n}=v" for n in range(32)))],
         [("traceparent", f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-00")],  # not sampled
         [("traceparent", f"01-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01-future")],  # a later version may add fields
         [("traceparent", f"00-{TRACE_ID:032x}-{PRODUCER_SPAN:016x}-01-extra")],  # version 00 may not
@@ -320,6 +325,20 @@ def test_the_producer_context_is_read_as_the_w3c_propagator_reads_it(headers: li
         assert found == expected
         assert found is not None
         assert found.trace_state == expected.trace_state
+
+
+@pytest.mark.parametrize("tracestate", ["vendor=abc,Not Valid", "a=1,a=2", ",".join(f"k{n}=v" for n in range(33))])
+def test_a_malformed_tracestate_is_dropped_without_a_log_line(
+    tracestate: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A producer that writes it on every record must not make a warning per record."""
+    caplog.set_level(logging.DEBUG)
+
+    found = producer_context([("traceparent", TRACEPARENT.encode()), ("tracestate", tracestate.encode())])
+
+    assert found is not None
+    assert len(found.trace_state) == 0
+    assert caplog.records == []
 
 
 async def test_a_record_span_continues_the_producer_trace_and_says_where_the_record_came_from() -> None:
