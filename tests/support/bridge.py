@@ -91,9 +91,17 @@ class BridgeProcess:
     """`python -m service` as a child process, for kill -9 and exit-code tests."""
 
     def __init__(self, environ: Mapping[str, str], log_path: Path) -> None:
-        self._env = {**os.environ, **environ, "PYTHONUNBUFFERED": "1"}
+        # Nothing of the service's own settings from the shell that runs the tests: a BRIDGE_DELIVERY__* or an
+        # OTEL_* exported there would change what a chaos scenario or a test says it runs (the defaults).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "OTEL_"))}
+        self._env = {**inherited, **environ, "PYTHONUNBUFFERED": "1"}
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def environ(self) -> Mapping[str, str]:
+        """The child's environment."""
+        return self._env
 
     def start(self) -> None:
         log = self._log_path.open("ab")

@@ -277,13 +277,14 @@ async def test_with_tracing_off_a_record_costs_one_call_and_sends_no_trace_heade
     await wired.batcher.aclose()
 
 
-def test_the_no_op_path_costs_next_to_nothing() -> None:
-    """A loose bound, far above what it costs (about 0.1 us), that still catches a span made by mistake."""
-    tracing, record = Tracing(), source()
-    started = time.perf_counter()
-    for _ in range(100_000):
-        tracing.start_record(record)
-    assert (time.perf_counter() - started) / 100_000 < 2e-6
+def test_with_tracing_off_no_span_or_context_is_made() -> None:
+    """Off, a record and a batch get no span (the pipeline then skips every other tracing call, as the test above
+    shows), and no trace context is set for the code that runs after. What it costs is `make bench`'s to measure."""
+    tracing = Tracing()
+
+    assert tracing.start_record(source()) is None
+    assert tracing.start_batch("pipe", [b"row"]) is None
+    assert not get_current_span().get_span_context().is_valid
 
 
 # --- the producer's context -------------------------------------------------------------------------------------------
