@@ -31,8 +31,11 @@ def parse_since(text: str, now_ms: int) -> int:
     epoch milliseconds; a time without a zone is UTC. Raises ValueError."""
     text = text.strip()
     if _DURATIONS.fullmatch(text):
-        seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(text))
-        return now_ms - int(seconds * 1000)
+        try:
+            seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(text))
+            return now_ms - int(seconds * 1000)
+        except OverflowError:  # digits past a float's range: a usage error, not a traceback
+            raise ValueError(f"{text!r} is too long a duration") from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:

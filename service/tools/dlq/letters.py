@@ -58,6 +58,12 @@ def header_int(value: bytes | None) -> int | None:
     return int(text) if text is not None and text.isascii() and text.isdigit() else None
 
 
+def header_time_ms(value: bytes | None) -> int | None:
+    """Epoch milliseconds from a header; a time no date can show (a garbled header) is unknown, as a missing one."""
+    ms = header_int(value)
+    return ms if ms is not None and iso_ms(ms) is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class Letter:
     """One dead letter, with the evidence the bridge wrote in its headers read back."""
@@ -83,7 +89,7 @@ class Letter:
             source_topic=header_text(last_header(h, SOURCE_TOPIC_HEADER)),
             source_partition=header_int(last_header(h, SOURCE_PARTITION_HEADER)),
             source_offset=header_int(last_header(h, SOURCE_OFFSET_HEADER)),
-            failed_at_ms=header_int(last_header(h, FAILED_AT_HEADER)),
+            failed_at_ms=header_time_ms(last_header(h, FAILED_AT_HEADER)),
         )
 
     @property
@@ -171,9 +177,15 @@ def _ordered(counts: Counter[str]) -> dict[str, int]:
 
 
 def iso_ms(ms: int | None) -> str | None:
+    """The time as ISO-8601 UTC; None for none, and for one outside the years 1-9999 (a record's timestamp is any
+    64-bit number its producer chose)."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        moment = datetime.fromtimestamp(ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def human_age(seconds: float) -> str:

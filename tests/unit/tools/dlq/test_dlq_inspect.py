@@ -393,3 +393,32 @@ def test_the_clock_is_the_callers() -> None:
     # parse_options takes `now` from main: --since 1h means an hour before the command started.
     now = int(time.time() * 1000)
     assert parse_options(["--since", "1h"], now_ms=now).filter.since_ms == now - HOUR_MS
+
+
+# --- garbled input -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("duration", ["9" * 400 + "w", "9" * 308 + "w"])
+def test_a_duration_past_any_number_is_a_usage_error(duration: str) -> None:
+    # int(...) * 604800.0 overflows a float, or the sum is infinite: an OverflowError, not a ValueError.
+    with pytest.raises(InspectUsageError, match="too long a duration"):
+        parse_options(["--since", duration], now_ms=NOW_MS)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_failed_at_time_no_date_can_show_is_unknown(as_json: bool) -> None:
+    source = record("log-updates", b"\x02garbage")
+    letter = dead(source, DecodeError("bad", reason="truncated"))
+    garbled = tuple(
+        (name, b"99999999999999999" if name == "bridge.failed.at.ms" else value) for name, value in letter.headers
+    )
+    read = Letter.of(SourceRecord(letter.topic, 1, 40, letter.key, letter.value, garbled, letter.timestamp_ms))
+    summary = TopicSummary("log-updates.dlq")
+    summary.read += 1
+    summary.add(read, NOW_MS)
+
+    out = render(Report([summary], [], NOW_MS), InspectOptions(topics=(), as_json=as_json), Redactor([]))
+
+    assert read.failed_at_ms is None
+    assert summary.by_age == {"unknown": 1}
+    assert "log-updates.dlq" in out
