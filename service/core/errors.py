@@ -40,12 +40,23 @@ class HttpEvidence:
     status: int | None
     """None when no response arrived (connect error, timeout, reset)."""
     body: str = ""
-    """The response body, already truncated to the configured size."""
+    """The response body, truncated to the configured size. Not redacted, and a secret echoed across the cut
+    would be only partly in it: a dead letter is built from `body_window` instead."""
     attempts: int = 1
     retry_after_s: float | None = None
     """The server's Retry-After / retry-after-ms, in seconds, when it sent one."""
     headers: dict[str, str] = field(default_factory=dict)
     """A few response headers worth keeping (request ids, content type)."""
+    body_window: str | None = None
+    """The response body cut `EVIDENCE_REDACTION_MARGIN_BYTES` past the configured size, so that it can be redacted
+    before it is cut to `body_limit`; None when `body` is all there is."""
+    body_limit: int | None = None
+    """How many bytes of the redacted body a dead letter keeps; None keeps it whole."""
+
+
+EVIDENCE_REDACTION_MARGIN_BYTES = 4096
+"""How much of a response body is kept past the evidence limit until it is redacted: more than any secret (an API
+key is under 200 characters, even escaped), so a secret that starts before the cut is whole when redacted."""
 
 
 class BridgeError(Exception):

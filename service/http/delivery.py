@@ -29,7 +29,7 @@ from urllib.parse import urlencode
 from opentelemetry.trace import Span
 
 from service.config.delivery import DeliverySettings
-from service.core.errors import HttpEvidence, RejectedError
+from service.core.errors import EVIDENCE_REDACTION_MARGIN_BYTES, HttpEvidence, RejectedError
 from service.core.requests import ApiRequest, Destination, Endpoint
 from service.http.breaker import Breaker, BreakerSettings, BreakerState, Fault
 from service.http.classify import Verdict, backoff_s, classify, retry_after_s
@@ -397,13 +397,18 @@ class Delivery:
         return self._now() - record_timestamp_ms / 1000.0 < self._settings.not_found_grace_s
 
     def _rejection(self, request: ApiRequest, response: HttpResponse, attempts: int, verdict: Verdict) -> RejectedError:
+        limit = self._settings.evidence_body_bytes
         evidence = HttpEvidence(
             method=request.method,
             url=request.url + ("?" + urlencode(request.params) if request.params else ""),
             status=response.status,
-            body=response.body[: self._settings.evidence_body_bytes].decode("utf-8", errors="replace"),
+            body=response.body[:limit].decode("utf-8", errors="replace"),
             attempts=attempts,
             headers={k: response.headers[k] for k in _KEPT_RESPONSE_HEADERS if k in response.headers},
+            # The dead letter cuts to size only after redacting (service/kafka/deadletter.py): a secret echoed
+            # across the cut must be whole when the redactor looks for it.
+            body_window=response.body[: limit + EVIDENCE_REDACTION_MARGIN_BYTES].decode("utf-8", errors="replace"),
+            body_limit=limit,
         )
         reason = {
             Verdict.CONFLICT: "conflict",

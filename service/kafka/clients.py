@@ -5,17 +5,19 @@ Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both 
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from service.config.kafka import KafkaSettings
 from service.core.errors import TransientError
 from service.core.records import SourceRecord
-from service.kafka.deadletter import DeadLetter
+from service.kafka.deadletter import DeadLetter, DeadLetterTooLarge
 
 
 def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
@@ -129,6 +131,9 @@ def build_reader(settings: KafkaSettings, *, role: str, group_id: str | None = N
         client_id=f"{settings.client_id}-{role}",
         enable_auto_commit=False,  # a tool commits only what it finished, if anything
         auto_offset_reset="earliest",  # a fresh group starts at the oldest record
+        # aiokafka reads read_uncommitted by default: a dead letter in an aborted transaction (a DLQ written by
+        # another, transactional tool) was never written, and must be neither counted nor replayed.
+        isolation_level="read_committed",
         max_poll_records=settings.max_poll_records,
         fetch_max_bytes=settings.fetch_max_bytes,
         max_partition_fetch_bytes=settings.max_partition_fetch_bytes,
@@ -152,6 +157,10 @@ async def list_partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
     return {topic["topic"]: len(topic["partitions"]) for topic in described if topic["error_code"] == 0}
 
 
+MAX_REQUEST_BYTES: Final = 1_048_576
+"""aiokafka's default max_request_size, passed explicitly because a dead letter's size is checked against it."""
+
+
 def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s: float) -> AIOKafkaProducer:
     """An idempotent acks=all producer, for writes that must be on the broker before an offset moves."""
     return AIOKafkaProducer(
@@ -159,6 +168,7 @@ def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s
         client_id=f"{settings.client_id}-{role}",
         acks="all",
         enable_idempotence=True,  # a retried send must not duplicate the record
+        max_request_size=MAX_REQUEST_BYTES,
         request_timeout_ms=int(send_timeout_s * 1000),
         **security_options(settings),
     )
@@ -178,14 +188,31 @@ class KafkaDeadLetterProducer:
 
     async def send(self, letter: DeadLetter) -> None:
         try:
-            await self._producer.send_and_wait(
-                letter.topic,
-                value=letter.value,
-                key=letter.key,
-                partition=letter.partition,
-                timestamp_ms=letter.timestamp_ms,
-                headers=list(letter.headers),
-            )
+            if letter.key is None and letter.value is None:
+                await (
+                    await send_keyless_empty(
+                        self._producer,
+                        letter.topic,
+                        partition=letter.partition,
+                        timestamp_ms=letter.timestamp_ms,
+                        headers=list(letter.headers),
+                    )
+                )
+            else:
+                await self._producer.send_and_wait(
+                    letter.topic,
+                    value=letter.value,
+                    key=letter.key,
+                    partition=letter.partition,
+                    timestamp_ms=letter.timestamp_ms,
+                    headers=list(letter.headers),
+                )
+        except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+            # Raised by aiokafka before sending (over max_request_size) or by the broker (over the topic's
+            # max.message.bytes): the same letter fails the same way every time, so it is no outage to wait out.
+            raise DeadLetterTooLarge(
+                f"{type(exc).__name__}: {exc}", size=letter_size(letter), limit=MAX_REQUEST_BYTES
+            ) from exc
         except KafkaError as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -195,3 +222,34 @@ class KafkaDeadLetterProducer:
         except KafkaError as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from exc
         return len(partitions)
+
+
+def letter_size(letter: DeadLetter) -> int:
+    """The letter's size as aiokafka counts it against max_request_size."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(letter.key, letter.value, list(letter.headers))
+    return size
+
+
+async def send_keyless_empty(
+    producer: AIOKafkaProducer,
+    topic: str,
+    *,
+    partition: int | None,
+    timestamp_ms: int,
+    headers: list[tuple[str, bytes]],
+) -> asyncio.Future[Any]:
+    """Queue a record with neither key nor value, which Kafka accepts and a source topic may hold; returns the
+    broker's acknowledgement to await, as `AIOKafkaProducer.send` does.
+
+    aiokafka's `send` refuses one (`assert not (value is None and key is None)`); a batch of one record does not,
+    and the record stays as it was (a null value, not an empty one). A batch needs a partition: a keyless record
+    has no order to keep, so when none is given the topic's first partition does.
+    """
+    if partition is None:
+        partition = min(await producer.partitions_for(topic))
+    batch = producer.create_batch()
+    if batch.append(key=None, value=None, timestamp=timestamp_ms, headers=headers) is None:
+        # Only a closed batch refuses its first record, whatever its size; said as aiokafka says a refusal.
+        raise RecordTooLargeError("a record with no key and no value did not fit an empty batch")
+    ack: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return ack

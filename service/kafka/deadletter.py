@@ -5,7 +5,9 @@ re-produces exactly what the producer wrote. Kafka Connect's `__connect.errors.*
 the context (existing DLQ tooling reads them) and `bridge.*` headers the HTTP evidence and a stable
 reason code. It goes to the same partition number when the DLQ has that many partitions, and the
 write is awaited with acks=all: an unacknowledged dead letter is a lost record, so a write that
-keeps failing is fatal for the service, never skipped.
+keeps failing is fatal for the service, never skipped. A letter too large for the producer or the topic is
+sent again at once with its evidence trimmed (no response body, a short message); one still too large (its
+value alone is) is fatal with the sizes to raise, never dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from service.ops.redaction import Redactor
 log = logging.getLogger("service.deadletter")
 
 _MAX_MESSAGE_CHARS = 2000
+_TRIMMED_MESSAGE_CHARS = 200
+"""A trimmed letter's message: enough for the exception's first line, the rest is in the service's log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +41,22 @@ class DeadLetter:
     timestamp_ms: int
 
 
+class DeadLetterTooLarge(BridgeError):
+    """The producer or the broker refused the letter for its size: sending it again as it is cannot help."""
+
+    reason = "dlq-letter-too-large"
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        """The letter's size in bytes, key, value and headers, as the producer counts it."""
+        self.limit = limit
+        """The producer's largest request, in bytes."""
+
+
 class DeadLetterProducer(Protocol):
-    """The slice of a Kafka producer the writer needs; `send` returns when the broker acknowledged."""
+    """The slice of a Kafka producer the writer needs; `send` returns when the broker acknowledged, and raises
+    `DeadLetterTooLarge` for a letter over the producer's or the topic's size limit."""
 
     async def send(self, letter: DeadLetter) -> None: ...
 
@@ -49,6 +67,9 @@ SOURCE_TOPIC_HEADER = "__connect.errors.topic"
 SOURCE_PARTITION_HEADER = "__connect.errors.partition"
 SOURCE_OFFSET_HEADER = "__connect.errors.offset"
 REASON_HEADER = "bridge.reason"
+RESPONSE_BODY_HEADER = "bridge.http.response.body"
+TRIMMED_HEADER = "bridge.evidence.trimmed"
+"""Present ("true") when the letter was too large with its full evidence: the response body was left out."""
 """Headers the replay command reads back, so they are named once, here where they are written."""
 
 
@@ -61,7 +82,11 @@ def build_dead_letter(
     group_id: str,
     redact: Redactor,
     now_ms: int,
+    trimmed: bool = False,
 ) -> DeadLetter:
+    """The letter for `record`; `trimmed` leaves out the response body and cuts the message short, for a letter
+    that was too large with them (the reason, stage, status and source coordinates stay)."""
+    message_chars = _TRIMMED_MESSAGE_CHARS if trimmed else _MAX_MESSAGE_CHARS
     context = [
         (SOURCE_TOPIC_HEADER, record.topic),
         (SOURCE_PARTITION_HEADER, str(record.partition)),
@@ -70,7 +95,7 @@ def build_dead_letter(
         ("__connect.errors.stage", error.stage.value),
         ("__connect.errors.class.name", "inference-bridge"),
         ("__connect.errors.exception.class.name", type(error).__name__),
-        ("__connect.errors.exception.message", redact(str(error))[:_MAX_MESSAGE_CHARS]),
+        ("__connect.errors.exception.message", redact(str(error))[:message_chars]),
         (REASON_HEADER, error.reason),
         ("bridge.failed.at.ms", str(now_ms)),
     ]
@@ -81,9 +106,15 @@ def build_dead_letter(
             ("bridge.http.url", redact(evidence.url)),
             ("bridge.http.status", "" if evidence.status is None else str(evidence.status)),
             ("bridge.http.attempts", str(evidence.attempts)),
-            ("bridge.http.response.body", redact(evidence.body)),
         ]
+        if not trimmed:
+            # Redacted before it is cut: a secret the API echoed across the cut would otherwise leave its
+            # prefix, which the redactor no longer recognises (delivery keeps enough past the cut for this).
+            body = evidence.body if evidence.body_window is None else evidence.body_window
+            context.append((RESPONSE_BODY_HEADER, cut_utf8(redact(body), evidence.body_limit)))
         context += [(f"bridge.http.response.header.{k}", redact(v)) for k, v in evidence.headers.items()]
+    if trimmed:
+        context.append((TRIMMED_HEADER, "true"))
     headers = record.headers + tuple((name, value.encode()) for name, value in context)
     return DeadLetter(
         topic=dlq_topic,
@@ -93,6 +124,17 @@ def build_dead_letter(
         headers=headers,
         timestamp_ms=record.timestamp_ms,
     )
+
+
+def cut_utf8(text: str, limit: int | None) -> str:
+    """At most `limit` bytes of `text` as UTF-8, without a broken character at the end; None keeps it whole."""
+    if limit is None:
+        return text
+    return text.encode()[:limit].decode(errors="ignore")
+
+
+def _where(record: SourceRecord) -> str:
+    return f"{record.topic}-{record.partition}@{record.offset}"
 
 
 class DeadLetterWriter:
@@ -127,27 +169,61 @@ class DeadLetterWriter:
 
     async def write(self, record: SourceRecord, error: RecordError) -> None:
         dlq = self._topic_for(record.topic)
-        letter = build_dead_letter(
+        now_ms = self._clock_ms()
+        try:
+            await self._send(record, self._letter(record, error, dlq, now_ms, trimmed=False))
+        except DeadLetterTooLarge as exc:
+            log.warning(
+                "dead letter too large, sending it with its evidence trimmed",
+                extra={"topic": dlq, "size": exc.size, "limit": exc.limit, "error": str(exc)},
+            )
+            try:
+                await self._send(record, self._letter(record, error, dlq, now_ms, trimmed=True))
+            except DeadLetterTooLarge as again:
+                raise DeadLetterWriteError(
+                    f"dead letter for {_where(record)} is {again.size} bytes even with its evidence trimmed, "
+                    f"more than {dlq!r} takes (the bridge sends at most {again.limit} bytes, the topic takes at "
+                    f"most its max.message.bytes; {again}). Its value alone is {len(record.value or b'')} bytes: "
+                    f"raise {dlq!r}'s max.message.bytes to at least {again.size} if that is the limit hit; over "
+                    f"{again.limit} bytes the record cannot be dead-lettered, and must be copied elsewhere and "
+                    "skipped by moving the group's committed offset past it"
+                ) from again
+
+    def _letter(self, record: SourceRecord, error: RecordError, dlq: str, now_ms: int, *, trimmed: bool) -> DeadLetter:
+        return build_dead_letter(
             record,
             error,
             dlq_topic=dlq,
             dlq_partitions=self._partitions.get(dlq, 0),
             group_id=self._group_id,
             redact=self._redact,
-            now_ms=self._clock_ms(),
+            now_ms=now_ms,
+            trimmed=trimmed,
         )
+
+    async def _send(self, record: SourceRecord, letter: DeadLetter) -> None:
+        """Send with bounded retries of what may be an outage; `DeadLetterTooLarge` goes to the caller at once."""
         for attempt in range(1, self._attempts + 1):
             try:
                 await self._producer.send(letter)
                 return
+            except DeadLetterTooLarge:
+                raise
             except BridgeError as exc:
                 log.warning(
                     "dead-letter write failed",
-                    extra={"topic": dlq, "attempt": attempt, "error": str(exc)},
+                    extra={"topic": letter.topic, "attempt": attempt, "error": str(exc)},
                 )
                 if attempt == self._attempts:
                     raise DeadLetterWriteError(
-                        f"dead letter for {record.topic}-{record.partition}@{record.offset} not acknowledged "
-                        f"by {dlq!r} after {attempt} attempts: {exc}"
+                        f"dead letter for {_where(record)} not acknowledged "
+                        f"by {letter.topic!r} after {attempt} attempts: {exc}"
                     ) from exc
                 await asyncio.sleep(min(2.0**attempt, 30.0))
+            except Exception as exc:
+                # Not an outage (a refusal by the client library, a bug): retrying would fail the same way, and
+                # an anonymous traceback would not say which record could not be dead-lettered.
+                raise DeadLetterWriteError(
+                    f"dead letter for {_where(record)} could not be sent to {letter.topic!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc

@@ -19,8 +19,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from service.config.settings import Settings, load_settings
 from service.core.errors import DecodeError, HttpEvidence, RecordError, RejectedError, RouteError
 from service.core.records import SourceRecord
+from service.kafka.clients import KafkaDeadLetterProducer
 from service.kafka.deadletter import DeadLetter, build_dead_letter
 from service.ops.redaction import Redactor
+from service.tools.dlq.cli import InspectOptions
+from service.tools.dlq.reader import inspect
 from service.tools.replay.cli import parse_options
 from service.tools.replay.plan import REPLAY_COUNT_HEADER
 from service.tools.replay.runner import ReplayError, ReplaySummary, replay
@@ -362,3 +365,64 @@ async def list_topics(bootstrap: str) -> list[str]:
         return list(await admin.list_topics())
     finally:
         await admin.close()
+
+
+async def test_a_record_with_neither_key_nor_value_is_dead_lettered_and_replayed_as_it_was(
+    kafka_bootstrap: str, settings: Settings, unique_name: Callable[[str], str]
+) -> None:
+    # Kafka takes such a record, and the bridge dead-letters it (empty-value); aiokafka's send() refuses it.
+    source = unique_name("log-updates")
+    dlq = source + ".dlq"
+    await create_topics(kafka_bootstrap, {source: 1, dlq: 1})
+    empty = SourceRecord(source, 0, 9, None, None, (("producer", b"svc-c"),), OLD_MS)
+    producer = KafkaDeadLetterProducer(settings.kafka, send_timeout_s=10.0)
+    await producer.start()
+    try:
+        await producer.send(dead_letter(empty, DecodeError("no value", reason="empty-value"), dlq, 1))
+    finally:
+        await producer.stop()
+
+    summary, _ = await run(settings, "--from", dlq)
+
+    [letter] = await read_all(kafka_bootstrap, dlq)
+    assert (letter.key, letter.value) == (None, None)
+    assert summary == ReplaySummary(replayed=1, skipped=0, refused=0, dry_run=False)
+    [replayed] = await read_all(kafka_bootstrap, source)
+    assert (replayed.key, replayed.value, replayed.timestamp) == (None, None, OLD_MS)
+    assert headers_of(replayed) == (("producer", b"svc-c"), (REPLAY_COUNT_HEADER, b"1"))
+
+
+async def test_dead_letters_of_an_aborted_transaction_are_neither_inspected_nor_replayed(
+    kafka_bootstrap: str, settings: Settings, unique_name: Callable[[str], str]
+) -> None:
+    # A DLQ written by a transactional tool: letters 1-2 and 4 committed, 3 aborted (never written).
+    source = unique_name("inferences")
+    dlq = source + ".dlq"
+    await create_topics(kafka_bootstrap, {source: 1, dlq: 1})
+    letters = {n: dead_letter(source_record(source, 0, n), DecodeError("bad"), dlq, 1) for n in (1, 2, 3, 4)}
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=unique_name("tx"))
+    await producer.start()
+    try:
+        for ns, commit in (((1, 2), True), ((3,), False), ((4,), True)):
+            await producer.begin_transaction()
+            for n in ns:
+                letter = letters[n]
+                await producer.send(
+                    dlq,
+                    value=letter.value,
+                    key=letter.key,
+                    partition=0,
+                    timestamp_ms=letter.timestamp_ms,
+                    headers=list(letter.headers),
+                )
+            await (producer.commit_transaction() if commit else producer.abort_transaction())
+    finally:
+        await producer.stop()
+
+    report = await inspect(settings, InspectOptions(topics=(dlq,), idle_timeout_s=10.0))
+    summary, _ = await run(settings, "--from", dlq)
+
+    assert report.summaries[0].read == 3
+    assert summary == ReplaySummary(replayed=3, skipped=0, refused=0, dry_run=False)
+    replayed = sorted(record.key for record in await read_all(kafka_bootstrap, source))
+    assert replayed == [b"key-1", b"key-2", b"key-4"]

@@ -836,3 +836,35 @@ async def test_a_record_that_failed_through_an_outage_goes_as_soon_as_the_breake
 
     assert await h.deliver(req(UPDATE_LOG)) == DeliveryReport(status=200, attempts=10)
     assert (Destination.HUMANLOOP, BreakerState.OPEN, Fault.OUTAGE) in h.breaker_changes
+
+
+# --- evidence and redaction ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut_into_key", [1, 8, len(OL_KEY) - 1])
+async def test_a_key_echoed_across_the_evidence_cut_leaves_no_prefix_in_the_dead_letter(cut_into_key: int) -> None:
+    # The API echoes the key; the evidence limit falls inside it. Cut first and redacted after, the prefix
+    # before the cut would no longer be the key, and the redactor would let it through.
+    from service.core.records import SourceRecord
+    from service.kafka.deadletter import build_dead_letter
+    from service.ops.redaction import REDACTED, Redactor
+
+    before = '{"error":"key '
+    body = (before + OL_KEY + ' is not allowed"}').encode()
+    h = harness(status(422, body=body), evidence_body_bytes=len(before) + cut_into_key)
+
+    error = await h.rejected(req(PUBLISH))
+    letter = build_dead_letter(
+        SourceRecord("inferences", 0, 1, b"k", b"v", (), 1),
+        error,
+        dlq_topic="inferences.dlq",
+        dlq_partitions=1,
+        group_id="g",
+        redact=Redactor([OL_KEY]),
+        now_ms=2,
+    )
+
+    kept = dict(letter.headers)["bridge.http.response.body"].decode()
+    assert OL_KEY[:cut_into_key] not in kept[len(before) :]
+    # Cut to the limit after redaction.
+    assert kept == (before + REDACTED + ' is not allowed"}')[: len(before) + cut_into_key]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import ssl
@@ -16,7 +17,12 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.structs import ConsumerRecord
 
 from service.config.kafka import KafkaSettings
@@ -33,7 +39,7 @@ from service.kafka.clients import (
     security_options,
     to_source_record,
 )
-from service.kafka.deadletter import DeadLetter
+from service.kafka.deadletter import DeadLetter, DeadLetterTooLarge
 from tests.support.tls import TlsFiles, generate_tls
 
 PASSWORD = "s3cr3t-kafka-password"  # a test value
@@ -347,6 +353,17 @@ async def test_no_secret_in_the_settings_repr_or_in_what_building_the_clients_lo
 # --- the dead-letter producer ----------------------------------------------------------------------------------------
 
 
+class FakeBatch:
+    """aiokafka's BatchBuilder: takes a record with neither key nor value, as the real one does."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def append(self, *, timestamp: int, key: bytes | None, value: bytes | None, headers: list[Any]) -> object:
+        self.records.append({"value": value, "key": key, "timestamp_ms": timestamp, "headers": headers})
+        return object()
+
+
 class FakeProducer:
     """aiokafka's producer methods the dead-letter producer calls; each can be told to raise."""
 
@@ -363,9 +380,22 @@ class FakeProducer:
         self.stopped = True
 
     async def send_and_wait(self, topic: str, **kwargs: Any) -> None:
+        assert not (kwargs["value"] is None and kwargs["key"] is None), "Need at least one: key or value"  # aiokafka
         if self.error is not None:
             raise self.error
         self.sent.append((topic, kwargs))
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> asyncio.Future[None]:
+        if self.error is not None:
+            raise self.error
+        [record] = batch.records
+        self.sent.append((topic, {**record, "partition": partition}))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack.set_result(None)
+        return ack
 
     async def partitions_for(self, topic: str) -> set[int]:
         if self.error is not None:
@@ -437,3 +467,46 @@ async def test_an_error_that_is_not_kafkas_is_not_hidden(fake_producer: Callable
 
     with pytest.raises(TypeError, match="a bug"):
         await producer.send(LETTER)
+
+
+@pytest.mark.parametrize(("partition", "sent_to"), [(4, 4), (None, 0)])
+async def test_a_letter_with_neither_key_nor_value_is_sent_as_it_is(
+    fake_producer: Callable[[], FakeProducer], partition: int | None, sent_to: int
+) -> None:
+    # aiokafka's send() asserts a key or a value; a batch of one takes the record as the source topic held it.
+    producer = KafkaDeadLetterProducer(kafka(), send_timeout_s=1.0)
+    letter = dataclasses.replace(LETTER, key=None, value=None, partition=partition)
+
+    await producer.send(letter)
+
+    assert fake_producer().sent == [
+        (
+            "inferences.dlq",
+            {
+                "value": None,
+                "key": None,
+                "partition": sent_to,  # the first partition when the DLQ has not the source's
+                "timestamp_ms": 1_700_000_000_000,
+                "headers": [("bridge.reason", b"schema-mismatch")],
+            },
+        )
+    ]
+
+
+@pytest.mark.parametrize("error", [MessageSizeTooLargeError(), RecordTooLargeError()])
+async def test_a_letter_too_large_is_not_an_outage(fake_producer: Callable[[], FakeProducer], error: Exception) -> None:
+    producer = KafkaDeadLetterProducer(kafka(), send_timeout_s=1.0)
+    fake_producer().error = error
+    big = dataclasses.replace(LETTER, value=b"v" * 2_000_000)
+
+    with pytest.raises(DeadLetterTooLarge, match=type(error).__name__) as info:
+        await producer.send(big)
+
+    assert info.value.size > 2_000_000
+    assert info.value.limit == 1_048_576 == fake_producer().kwargs["max_request_size"]
+
+
+async def test_a_reader_reads_only_committed_records(consumer_class: Recorder) -> None:
+    build_reader(kafka(), role="dlq")
+
+    assert consumer_class.kwargs["isolation_level"] == "read_committed"

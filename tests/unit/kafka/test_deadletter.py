@@ -16,7 +16,7 @@ from service.core.errors import (
     TransientError,
 )
 from service.core.records import SourceRecord
-from service.kafka.deadletter import DeadLetter, DeadLetterWriter, build_dead_letter
+from service.kafka.deadletter import DeadLetter, DeadLetterTooLarge, DeadLetterWriter, build_dead_letter
 from service.ops.redaction import REDACTED, Redactor
 
 OL_KEY = "sk-ol-0123456789abcdef"
@@ -366,3 +366,80 @@ async def test_a_single_attempt_fails_without_waiting(sleeps: list[float]) -> No
 
     assert producer.attempts == 1
     assert sleeps == []
+
+
+# --- letters the producer refuses ------------------------------------------------------------------------------------
+
+
+class RefusingProducer(FakeProducer):
+    """Raises `errors` in turn on the first sends (an exception the producer should not raise, or a size refusal)."""
+
+    def __init__(self, *errors: Exception) -> None:
+        super().__init__()
+        self.errors = list(errors)
+        self.sent: list[DeadLetter] = []
+
+    async def send(self, letter: DeadLetter) -> None:
+        self.attempts += 1
+        self.sent.append(letter)
+        if self.errors:
+            raise self.errors.pop(0)
+        self.acknowledged.append(letter)
+
+
+REJECTED = RejectedError(
+    "PATCH update-log answered 422 after 3 attempt(s): " + "m" * 3000,
+    HttpEvidence(method="PATCH", url="https://h.test/logs", status=422, body="b" * 4096, attempts=3),
+    reason="http-422",
+)
+
+
+def too_large(size: int) -> DeadLetterTooLarge:
+    return DeadLetterTooLarge("MessageSizeTooLargeError: too big", size=size, limit=1_048_576)
+
+
+async def test_an_exception_that_is_not_a_bridge_error_names_the_record_and_is_not_retried(
+    sleeps: list[float],
+) -> None:
+    producer = RefusingProducer(AssertionError("Need at least one: key or value"))
+
+    with pytest.raises(DeadLetterWriteError, match=r"inferences-2@4711.*AssertionError") as info:
+        await writer(producer).write(RECORD, DecodeError("x", reason="empty-value"))
+
+    assert producer.attempts == 1
+    assert sleeps == []
+    assert isinstance(info.value.__cause__, AssertionError)
+
+
+async def test_a_letter_too_large_is_sent_again_at_once_with_its_evidence_trimmed(sleeps: list[float]) -> None:
+    producer = RefusingProducer(too_large(1_050_000))
+
+    await writer(producer).write(RECORD, REJECTED)
+
+    assert producer.attempts == 2
+    assert sleeps == []  # no backoff: the size is no outage
+    full, trimmed = (added_headers(letter) for letter in producer.sent)
+    assert "bridge.http.response.body" in full
+    assert "bridge.evidence.trimmed" not in full
+    assert "bridge.http.response.body" not in trimmed
+    assert trimmed["bridge.evidence.trimmed"] == "true"
+    assert len(trimmed["__connect.errors.exception.message"]) == 200
+    for kept in ("bridge.reason", "__connect.errors.stage", "bridge.http.status", "__connect.errors.offset"):
+        assert trimmed[kept] == full[kept]
+    assert producer.acknowledged[0].value == RECORD.value  # the record itself is never trimmed
+
+
+async def test_a_letter_too_large_even_trimmed_is_fatal_with_the_sizes_to_raise(sleeps: list[float]) -> None:
+    producer = RefusingProducer(too_large(2_000_500), too_large(2_000_100))
+
+    with pytest.raises(DeadLetterWriteError) as info:
+        await writer(producer).write(RECORD, REJECTED)
+
+    assert producer.attempts == 2
+    assert sleeps == []
+    message = str(info.value)
+    assert "inferences-2@4711" in message
+    assert "2000100 bytes" in message
+    assert "1048576" in message
+    assert "max.message.bytes" in message
+    assert "'inferences.dlq'" in message
