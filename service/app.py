@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from service.avro.codec import AvroCodec
 from service.config.credentials import ApiKey
 from service.config.settings import Settings
-from service.core.errors import FatalError
+from service.core.errors import EVIDENCE_REDACTION_MARGIN_BYTES, FatalError
 from service.core.requests import Destination
 from service.http.batching import Batcher
 from service.http.breaker import BreakerState, Fault
@@ -179,6 +179,8 @@ def build_delivery(
         connect_timeout_s=delivery.connect_timeout_s,
         read_timeout_s=delivery.read_timeout_s,
         max_connections=delivery.max_connections * len(Destination),
+        # All of a body delivery keeps: its evidence, and the margin it is redacted with before the cut.
+        max_body_bytes=delivery.evidence_body_bytes + EVIDENCE_REDACTION_MARGIN_BYTES,
     )
     stack.push_async_callback(http.aclose)
     guards = build_guards(settings, metrics, redact, rng)

@@ -115,7 +115,8 @@ def build_dead_letter(
         context += [(f"bridge.http.response.header.{k}", redact(v)) for k, v in evidence.headers.items()]
     if trimmed:
         context.append((TRIMMED_HEADER, "true"))
-    headers = record.headers + tuple((name, value.encode()) for name, value in context)
+    # "replace": a lone surrogate (a client's undecodable header byte) must not make the letter unwritable.
+    headers = record.headers + tuple((name, value.encode("utf-8", "replace")) for name, value in context)
     return DeadLetter(
         topic=dlq_topic,
         partition=record.partition if record.partition < dlq_partitions else None,

@@ -189,6 +189,18 @@ def test_evidence_without_a_status_has_an_empty_status_header() -> None:
     assert headers["bridge.http.attempts"] == "7"
 
 
+def test_text_no_encoder_takes_is_written_replaced_not_raised() -> None:
+    """A client may hand over a header value with lone surrogates (aiohttp keeps bytes that are not UTF-8 so): the
+    letter must still be written, or the service stops on a record, again after every restart."""
+    evidence = HttpEvidence(
+        method="POST", url="https://x.test/rows", status=400, headers={"content-type": "text/plain; charset=\udce9"}
+    )
+
+    headers = added_headers(letter_for(RejectedError("refused", evidence, reason="http-400")))
+
+    assert headers["bridge.http.response.header.content-type"] == "text/plain; charset=?"
+
+
 def test_a_long_exception_message_is_truncated() -> None:
     headers = added_headers(letter_for(InternalError("x" * 10_000)))
 
