@@ -1,6 +1,6 @@
 """Failure classification and retry timing: pure functions, one table, no I/O.
 
-Network errors and 408/425/5xx (but 501/505) are outages and are retried without limit; 429 is a
+Network errors, 1xx/3xx and 408/425/5xx (but 501/505) are outages and are retried without limit; 429 is a
 rate limit, a signal about the destination rather than the call; 401 means the key is refused and
 403 may mean the same (delivery decides, from whether other calls to the destination succeed); 409
 gets a few retries; a 404 on an update means "not ingested yet" for a grace window; everything
@@ -38,6 +38,11 @@ _DESTINATION_STATES = {429: Verdict.THROTTLED, 401: Verdict.AUTH, 403: Verdict.F
 def classify(status: int, endpoint: Endpoint, headers: Mapping[str, str]) -> Verdict:
     if 200 <= status < 300:
         return Verdict.SUCCESS
+    if status < 200 or 300 <= status < 400:
+        # Redirects are not followed (one to another host would carry the key along), and an interim status is
+        # no answer: both are about the destination (a base URL that moved, a maintenance page), never about the
+        # record, so they are waited out as an outage rather than dead-lettering every record.
+        return Verdict.RETRY
     state = _DESTINATION_STATES.get(status)
     if state is not None:
         return state

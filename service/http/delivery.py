@@ -320,6 +320,8 @@ class Delivery:
                 "endpoint": call.request.endpoint.value,
                 "status": status,
                 "attempt": call.attempt,
+                # Where a redirect points: a base URL that moved says so here.
+                **({"location": response.headers["location"]} if "location" in response.headers else {}),
                 **log_fields(call.trace),
             },
         )

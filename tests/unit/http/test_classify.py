@@ -40,7 +40,12 @@ STATUS_TABLE = [
     (599, Verdict.RETRY),
     (501, Verdict.REJECT),
     (505, Verdict.REJECT),
-    (301, Verdict.REJECT),  # redirects are not followed: an answer, and not a success
+    # Redirects are not followed, and a 1xx is no answer: the destination's state, never the record's fault.
+    (101, Verdict.RETRY),
+    (301, Verdict.RETRY),
+    (302, Verdict.RETRY),
+    (307, Verdict.RETRY),
+    (308, Verdict.RETRY),
 ]
 
 

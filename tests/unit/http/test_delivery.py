@@ -459,14 +459,17 @@ async def test_x_should_retry_true_retries_a_400() -> None:
     assert (await h.deliver(req(PUBLISH))).attempts == 2
 
 
-async def test_a_redirect_is_not_followed() -> None:
-    # Following it would hand the API key to whatever host the Location names.
+async def test_a_redirect_is_not_followed_and_waited_out_not_dead_lettered(caplog: pytest.LogCaptureFixture) -> None:
+    # Following it would hand the API key to whatever host the Location names; it says nothing about the record
+    # (a base URL that moved, a maintenance page), so it is retried as an outage is, its Location in the log.
     h = harness(status(302, {"location": "https://elsewhere.test/steal"}), ok())
 
-    error = await h.rejected(req(PUBLISH))
+    report = await h.deliver(req(PUBLISH))
 
-    assert error.reason == "http-302"
-    assert [r.url.host for r in h.wire.requests] == ["openlayer.test"]
+    assert report == DeliveryReport(status=200, attempts=2)
+    assert [r.url.host for r in h.wire.requests] == ["openlayer.test", "openlayer.test"]
+    [line] = [r for r in caplog.records if r.getMessage() == "retryable status, will retry"]
+    assert (line.status, line.location) == (302, "https://elsewhere.test/steal")  # type: ignore[attr-defined]
 
 
 # --- 409 --------------------------------------------------------------------------------------------------------
