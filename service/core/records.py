@@ -15,7 +15,8 @@ class SourceRecord(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[tuple[str, bytes | None], ...]
+    """As the producer wrote them: Kafka allows a header without a value (None)."""
     timestamp_ms: int
 
 

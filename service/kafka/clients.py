@@ -21,9 +21,14 @@ from service.kafka.deadletter import DeadLetter, DeadLetterTooLarge
 
 
 def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
-    """A fetched record as the plain value the rest of the service uses (headers as bytes, always)."""
+    """A fetched record as the plain value the rest of the service uses (header values as bytes, or None: Kafka
+    allows a header without a value, and `bytes(None)` stopped the service on such a record, on every restart)."""
     # Once per record: positional, and no generator for the common record without headers.
-    headers = tuple((name, bytes(value)) for name, value in record.headers) if record.headers else ()
+    headers = (
+        tuple((name, None if value is None else bytes(value)) for name, value in record.headers)
+        if record.headers
+        else ()
+    )
     return SourceRecord(
         record.topic, record.partition, record.offset, record.key, record.value, headers, record.timestamp
     )
@@ -236,7 +241,7 @@ async def send_keyless_empty(
     *,
     partition: int | None,
     timestamp_ms: int,
-    headers: list[tuple[str, bytes]],
+    headers: list[tuple[str, bytes | None]],
 ) -> asyncio.Future[Any]:
     """Queue a record with neither key nor value, which Kafka accepts and a source topic may hold; returns the
     broker's acknowledgement to await, as `AIOKafkaProducer.send` does.

@@ -37,7 +37,7 @@ class DeadLetter:
     partition: int | None
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[tuple[str, bytes | None], ...]
     timestamp_ms: int
 
 

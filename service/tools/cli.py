@@ -13,7 +13,8 @@ from aiokafka.errors import KafkaError
 
 from service.core.errors import BridgeError
 
-Headers = tuple[tuple[str, bytes], ...]
+Headers = tuple[tuple[str, bytes | None], ...]
+"""A record's headers: Kafka allows a header without a value (None)."""
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -110,6 +110,26 @@ async def test_rejected_record_is_dead_lettered_with_its_evidence(
 
 
 @BY_KIND
+async def test_headers_without_a_value_are_kept_and_stop_nothing(
+    case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    """Kafka allows a header without a value: the service stopped on such a record, and again on every restart.
+    Now the record is delivered, and one that is refused is dead-lettered with that header as it was."""
+    topic = case.topic_of(topics)
+    fake_apis.reject_when(case.endpoint, is_marked, Fault(status=422, body={"code": 422, "error": "bad row"}))
+    values = [ENCODER.plain(case.kind, case.datum(i, i == 1)) for i in range(3)]
+    headers: list[tuple[str, bytes | None]] = [("x-empty", None), ("traceparent", None), ("tracestate", None)]
+    await produce(kafka_bootstrap, topic, values, keys=[f"k{i}".encode() for i in range(3)], headers=headers)
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    assert len(_delivered(fake_apis, case)) == 2
+    (letter,) = await read_all(kafka_bootstrap, topics.dlq(topic))
+    assert list(letter.headers)[:3] == headers
+
+
+@BY_KIND
 async def test_transient_failures_are_retried_and_delivered_once(
     case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
 ) -> None:

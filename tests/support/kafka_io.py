@@ -15,7 +15,7 @@ async def produce(
     *,
     keys: Sequence[bytes | None] | None = None,
     partition: int | None = None,
-    headers: Sequence[tuple[str, bytes]] = (),
+    headers: Sequence[tuple[str, bytes | None]] = (),
 ) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     await producer.start()

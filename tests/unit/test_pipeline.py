@@ -224,7 +224,7 @@ class Bench:
 
     def dead_letter(self) -> dict[str, str]:
         [letter] = self.producer.acknowledged
-        return {name: value.decode() for name, value in letter.headers}
+        return {name: (value or b"").decode() for name, value in letter.headers}
 
 
 def bench(*outcomes: Outcome, api: Api | None = None, producer: FakeProducer | None = None, **kw: Any) -> Bench:
@@ -313,7 +313,7 @@ async def test_in_a_shared_call_only_the_refused_row_is_dead_lettered() -> None:
     await asyncio.gather(*(work.start(LENDER) for work in works))
 
     [letter] = b.producer.acknowledged
-    headers = {name: value.decode() for name, value in letter.headers}
+    headers = {name: (value or b"").decode() for name, value in letter.headers}
     assert headers["__connect.errors.offset"] == "2"
     assert headers["bridge.http.status"] == "422"
     calls = [json.loads(r.content)["rows"] for r in b.api.requests]
@@ -441,7 +441,7 @@ async def test_a_422_dead_letters_with_the_evidence() -> None:
     assert headers["bridge.http.url"] == f"{HL}/logs?reference_id=ref-1"
     assert headers["bridge.http.response.header.x-request-id"] == "req-1"
     assert '"msg":"bad"' in headers["bridge.http.response.body"]
-    assert all(HL_KEY.encode() not in value for _, value in b.producer.acknowledged[0].headers)
+    assert all(HL_KEY.encode() not in (value or b"") for _, value in b.producer.acknowledged[0].headers)
 
 
 @pytest.mark.parametrize(

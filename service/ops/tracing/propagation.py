@@ -33,7 +33,7 @@ API's propagator accepts, so the general rules are needed only for the rest."""
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 
 
-def producer_parent(headers: Sequence[tuple[str, bytes]]) -> Parent | None:
+def producer_parent(headers: Sequence[tuple[str, bytes | None]]) -> Parent | None:
     """The producer's trace from a record's W3C `traceparent`/`tracestate` headers, or None (see
     `producer_context`, which gives it as the API's SpanContext)."""
     traceparent = tracestate = None
@@ -96,7 +96,7 @@ def _general_traceparent(traceparent: bytes) -> tuple[int, int, int] | None:
     return int(trace_id, 16), int(span_id, 16), int(flags, 16)
 
 
-def producer_context(headers: Sequence[tuple[str, bytes]]) -> SpanContext | None:
+def producer_context(headers: Sequence[tuple[str, bytes | None]]) -> SpanContext | None:
     """The producer's span context from a record's W3C `traceparent`/`tracestate` headers, or None.
 
     The rules of the API's TraceContextTextMapPropagator.extract, without the Context and the non-recording span it

@@ -65,7 +65,7 @@ def _or_none(value: Any) -> str:
 
 
 def _bytes_text(value: Mapping[str, Any] | None) -> str:
-    if value is None:
+    if value is None or value.get("null"):  # no key, or a header without a value
         return "null"
     if "hex" in value:
         return f"0x{value['hex']}"

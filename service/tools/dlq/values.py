@@ -81,7 +81,7 @@ def http_evidence(headers: Headers) -> dict[str, Any] | None:
     if method is None:
         return None
     response_headers = {
-        name.removeprefix(HTTP_RESPONSE_HEADER_PREFIX): header_text(value) or value.hex()
+        name.removeprefix(HTTP_RESPONSE_HEADER_PREFIX): header_text(value) or ("" if value is None else value.hex())
         for name, value in headers
         if name.startswith(HTTP_RESPONSE_HEADER_PREFIX)
     }
@@ -112,6 +112,9 @@ def letter_json(letter: Letter, value: dict[str, Any]) -> dict[str, Any]:
             "message": header_text(last_header(r.headers, EXCEPTION_MESSAGE_HEADER)),
         },
         "http": http_evidence(r.headers),
-        "headers": [{"name": name, **readable_bytes(value)} for name, value in r.headers],
+        "headers": [
+            {"name": name, **(readable_bytes(value) if value is not None else {"null": True})}
+            for name, value in r.headers
+        ],
         "value": value,
     }

@@ -72,6 +72,13 @@ def test_a_fetched_record_becomes_a_source_record_with_bytes_headers() -> None:
     assert all(type(value) is bytes for _, value in record.headers)
 
 
+def test_a_header_without_a_value_stays_so() -> None:
+    """Kafka allows one; `bytes(None)` stopped the service on such a record, on every restart."""
+    fetched = ConsumerRecord("t", 0, 0, 5, 0, None, b"v", None, 0, 0, [("a", None), ("b", b"y")])
+
+    assert to_source_record(fetched).headers == (("a", None), ("b", b"y"))
+
+
 def test_a_record_without_headers_has_an_empty_tuple() -> None:
     fetched = ConsumerRecord("t", 0, 0, 5, 0, None, None, None, 0, 0, [])
     assert to_source_record(fetched).headers == ()

@@ -69,7 +69,7 @@ def added_headers(letter: DeadLetter, record: SourceRecord = RECORD) -> dict[str
     added = letter.headers[len(record.headers) :]
     names = [name for name, _ in added]
     assert len(names) == len(set(names)), f"duplicate headers: {names}"
-    return {name: value.decode() for name, value in added}
+    return {name: (value or b"").decode() for name, value in added}
 
 
 # --- the record itself ----------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_secrets_are_removed_from_message_url_body_and_headers() -> None:
 
     for name, value in letter.headers:
         for secret in (OL_KEY, HL_KEY):
-            assert secret.encode() not in value, name
+            assert secret.encode() not in (value or b""), name
     headers = added_headers(letter)
     assert headers["__connect.errors.exception.message"] == f"refused with Authorization: Bearer {REDACTED}"
     assert headers["bridge.http.url"] == f"https://humanloop.test/v4/logs?api_key={REDACTED}"

@@ -42,7 +42,7 @@ EVIDENCE = HttpEvidence(
 
 
 def record(
-    topic: str, value: bytes | None, *, offset: int = 7, headers: tuple[tuple[str, bytes], ...] = ()
+    topic: str, value: bytes | None, *, offset: int = 7, headers: tuple[tuple[str, bytes | None], ...] = ()
 ) -> SourceRecord:
     return SourceRecord(topic, 1, offset, b"key-1", value, headers, NOW_MS - 5 * HOUR_MS)
 
@@ -318,6 +318,18 @@ async def test_a_letter_as_json_and_as_text_has_value_headers_and_evidence() -> 
     assert "  bin: 0xff00" in text
     assert "value:     log_update (plain Avro) as JSON:" in text
     assert '"output": "Paris 1"' in text
+
+
+async def test_a_header_without_a_value_shows_as_null() -> None:
+    """Kafka allows one, and a dead letter keeps the record's headers as they were."""
+    source = record("log-updates", log_value(), headers=(("x-empty", None), ("traceparent", None)))
+    letter = Letter.of(dead(source, RejectedError("PATCH answered 422", EVIDENCE, reason="http-422")))
+    item = letter_json(letter, await reader().read(letter.source_topic, letter.record.value))
+
+    assert item["headers"][:2] == [{"name": "x-empty", "null": True}, {"name": "traceparent", "null": True}]
+    text = "\n".join(letter_text(item, NOW_MS))
+    assert "  x-empty: null" in text
+    assert "  traceparent: null" in text
 
 
 async def test_a_long_undecodable_value_is_cut_in_the_text_only() -> None:
