@@ -162,8 +162,11 @@ async def list_partition_counts(admin: AIOKafkaAdminClient) -> dict[str, int]:
     return {topic["topic"]: len(topic["partitions"]) for topic in described if topic["error_code"] == 0}
 
 
-MAX_REQUEST_BYTES: Final = 1_048_576
-"""aiokafka's default max_request_size, passed explicitly because a dead letter's size is checked against it."""
+MAX_REQUEST_BYTES: Final = 104_857_600
+"""The producer's max_request_size: the broker's own request limit (socket.request.max.bytes, 100 MiB by default),
+so that any record a broker took in fits again as a dead letter, its evidence trimmed if need be, and the DLQ
+topic's max.message.bytes is the limit that decides. aiokafka's default, 1 MiB, refused a letter for a record of
+just under 1 MiB on a topic that takes more, and nothing but a new build could change it."""
 
 
 def build_durable_producer(settings: KafkaSettings, *, role: str, send_timeout_s: float) -> AIOKafkaProducer:

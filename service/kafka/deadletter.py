@@ -183,11 +183,9 @@ class DeadLetterWriter:
             except DeadLetterTooLarge as again:
                 raise DeadLetterWriteError(
                     f"dead letter for {_where(record)} is {again.size} bytes even with its evidence trimmed, "
-                    f"more than {dlq!r} takes (the bridge sends at most {again.limit} bytes, the topic takes at "
-                    f"most its max.message.bytes; {again}). Its value alone is {len(record.value or b'')} bytes: "
-                    f"raise {dlq!r}'s max.message.bytes to at least {again.size} if that is the limit hit; over "
-                    f"{again.limit} bytes the record cannot be dead-lettered, and must be copied elsewhere and "
-                    "skipped by moving the group's committed offset past it"
+                    f"more than {dlq!r} takes ({again}). Its value alone is {len(record.value or b'')} bytes: "
+                    f"raise {dlq!r}'s max.message.bytes to at least {again.size} (the source topic's own limit "
+                    f"is a good value), then restart; the bridge itself sends up to {again.limit} bytes"
                 ) from again
 
     def _letter(self, record: SourceRecord, error: RecordError, dlq: str, now_ms: int, *, trimmed: bool) -> DeadLetter:

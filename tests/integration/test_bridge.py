@@ -129,6 +129,28 @@ async def test_headers_without_a_value_are_kept_and_stop_nothing(
     assert list(letter.headers)[:3] == headers
 
 
+async def test_a_record_near_the_size_limit_is_dead_lettered_with_its_evidence_trimmed(
+    kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
+) -> None:
+    """A record that fits its topic (the broker's default of about 1 MiB) and is refused with a long answer: with
+    its evidence the letter is over what the DLQ takes; it goes again, trimmed, instead of stopping the service."""
+    case = next(c for c in CASES if c.endpoint == "update_log")
+    topic = case.topic_of(topics)
+    fake_apis.reject_when(case.endpoint, is_marked, Fault(status=422, body={"code": 422, "error": "x" * 8000}))
+    big = ENCODER.plain(case.kind, avro_io.log_update("ref-big", output="reject_me " + "x" * 1_046_000))
+    await produce(kafka_bootstrap, topic, [big], keys=[b"k-big"])
+    group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
+    async with running_bridge(bridge_env):
+        await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
+
+    (letter,) = await read_all(kafka_bootstrap, topics.dlq(topic))
+    assert letter.value == big
+    headers = _header_map(letter.headers)
+    assert headers["bridge.evidence.trimmed"] == "true"
+    assert (headers["bridge.reason"], headers["bridge.http.status"]) == ("http-422", "422")
+    assert "bridge.http.response.body" not in headers
+
+
 @BY_KIND
 async def test_transient_failures_are_retried_and_delivered_once(
     case: Case, kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
