@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -439,6 +440,17 @@ def test_a_row_json_cannot_carry_is_a_route_error(row: dict[str, Any]) -> None:
     event = RowUpdate(pipeline_id=PIPE, inference_id="i", row=row)
 
     assert route_error(router(), event).reason == "unserialisable"
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_number_json_cannot_carry_is_sent_as_null(value: float) -> None:
+    """JSON has no NaN or infinity: as pandas' to_json writes them (the Openlayer SDK's data frames go that way),
+    not a refused record (docs/semantics.md, Records in)."""
+    event = NewInference(pipeline_id=PIPE, row={"score": value, "nested": [value, 1.5]}, inference_id="i-1")
+
+    row = _published_row(router(default_config=DEFAULT_CONFIG), event)
+
+    assert (row["score"], row["nested"]) == (None, [None, 1.5])
 
 
 @pytest.mark.parametrize(
