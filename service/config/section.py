@@ -116,8 +116,14 @@ class Section(BaseModel):
         try:
             handler(data)
         except ValidationError as exc:
+            # Rebuilt as custom errors with their type and message: pydantic rebuilds only its own error types
+            # from their details, and a validator's own (a TLS file's) raised a KeyError here instead.
             problems.extend(
-                error  # type: ignore[misc]
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], "{message}", {"message": error["msg"]}),
+                    loc=error["loc"],
+                    input=error["input"],
+                )
                 for error in exc.errors()
                 if not (error["type"] == "missing" and len(error["loc"]) == 1 and error["loc"][0] in unreadable)
             )

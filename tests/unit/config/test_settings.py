@@ -1102,3 +1102,17 @@ def test_an_operator_config_may_leave_the_inference_id_column_to_its_setting() -
 
     assert settings.openlayer.pipeline_configs["p"]["inferenceIdColumnName"] == "id"
     assert settings.openlayer.default_config == {"outputColumnName": "o"}
+
+
+def test_an_unreadable_secret_file_and_a_bad_tls_file_are_both_named(tmp_path: Path) -> None:
+    """Found by tests/unit/test_fuzz_settings.py: with a secret file problem, the section's other problems are
+    gathered with it, and a TLS file's own error type made that raise a KeyError instead of a settings error."""
+    message = load_error(
+        env(
+            BRIDGE_KAFKA__SASL_PASSWORD_FILE=str(tmp_path / "no-password"),
+            BRIDGE_KAFKA__SSL_CAFILE=str(tmp_path / "no-ca.pem"),
+        )
+    )
+
+    assert f"BRIDGE_KAFKA__SASL_PASSWORD_FILE: cannot read {tmp_path / 'no-password'}" in message
+    assert f"BRIDGE_KAFKA__SSL_CAFILE: cannot read {tmp_path / 'no-ca.pem'}" in message
