@@ -37,8 +37,19 @@ class DeliverySettings(Section):
         description="shortest attempt timeout; an attempt may take 4x its endpoint's recent p99 latency, "
         "within this and read_timeout_s",
     )
-    initial_backoff_s: float = Field(default=0.5, gt=0, le=DAY_S, description="first retry delay (doubles, jittered)")
-    max_backoff_s: float = Field(default=30.0, gt=0, le=DAY_S, description="longest retry delay and breaker pause")
+    initial_backoff_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=DAY_S,
+        description="first retry delay (doubles, jittered); also a breaker's first pause, at least 1 s",
+    )
+    max_backoff_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=DAY_S,
+        description="longest retry delay; a breaker's pause doubles up to this or 10 s, whichever is less "
+        "(at least 1 s)",
+    )
     retry_after_cap_s: float = Field(
         default=60.0, gt=0, le=DAY_S, description="longest server-requested pause honoured"
     )
@@ -50,7 +61,11 @@ class DeliverySettings(Section):
         description="how long a 404 on an update is retried, from the record's timestamp",
     )
     evidence_body_bytes: int = Field(
-        default=4096, ge=0, le=65536, description="response body bytes kept in a dead letter's headers"
+        default=4096,
+        ge=0,
+        le=65536,
+        description="response body bytes kept in a dead letter's headers; only this plus 4096 bytes of a body are "
+        "read, the rest is left unread and its connection closed",
     )
     # 1,024 and not 512: at 50 ms of API latency the service on one core needs about 450-500 calls in flight, and
     # its own CPU queueing adds to the round trip, so 512 left it waiting on the ceiling (make bench: 50 ms vs 0 ms
