@@ -5,8 +5,8 @@ rate limit, a signal about the destination rather than the call; 401 means the k
 403 may mean the same (delivery decides, from whether other calls to the destination succeed); 409
 gets a few retries; a 404 on an update means "not ingested yet" for a grace window; everything
 else 4xx is the record's fault. A server's `x-should-retry` header (the Stainless convention
-Openlayer's SDK obeys) overrides the status, except for 401/403/429: those are the API's own state,
-never a reason to dead-letter a record.
+Openlayer's SDK obeys) overrides the status, except for 1xx/2xx/3xx, which are classified before the
+header is read, and 401/403/429: those are the API's own state, never a reason to dead-letter a record.
 """
 
 from __future__ import annotations
