@@ -6,6 +6,7 @@ Security (SASL, TLS with a custom CA, mutual TLS) is mapped here once, for both 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from typing import Any, Final
 
@@ -18,6 +19,8 @@ from service.config.kafka import KafkaSettings
 from service.core.errors import TransientError
 from service.core.records import SourceRecord
 from service.kafka.deadletter import DeadLetter, DeadLetterTooLarge
+
+log = logging.getLogger("service.deadletter")  # the dead-letter writer's: log queries filter on it
 
 
 def to_source_record(record: ConsumerRecord[bytes, bytes]) -> SourceRecord:
@@ -186,7 +189,12 @@ class KafkaDeadLetterProducer:
     """A durable producer whose `send` returns only once the broker has the dead letter."""
 
     def __init__(self, settings: KafkaSettings, send_timeout_s: float) -> None:
-        self._producer = build_durable_producer(settings, role="dlq", send_timeout_s=send_timeout_s)
+        self._settings = settings
+        self._send_timeout_s = send_timeout_s
+        self._producer = self._build()
+
+    def _build(self) -> AIOKafkaProducer:
+        return build_durable_producer(self._settings, role="dlq", send_timeout_s=self._send_timeout_s)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -195,19 +203,18 @@ class KafkaDeadLetterProducer:
         await self._producer.stop()
 
     async def send(self, letter: DeadLetter) -> None:
+        producer = self._producer
         try:
             if letter.key is None and letter.value is None:
-                await (
-                    await send_keyless_empty(
-                        self._producer,
-                        letter.topic,
-                        partition=letter.partition,
-                        timestamp_ms=letter.timestamp_ms,
-                        headers=list(letter.headers),
-                    )
+                ack = await send_keyless_empty(
+                    producer,
+                    letter.topic,
+                    partition=letter.partition,
+                    timestamp_ms=letter.timestamp_ms,
+                    headers=list(letter.headers),
                 )
             else:
-                await self._producer.send_and_wait(
+                ack = await producer.send(
                     letter.topic,
                     value=letter.value,
                     key=letter.key,
@@ -216,13 +223,38 @@ class KafkaDeadLetterProducer:
                     headers=list(letter.headers),
                 )
         except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
-            # Raised by aiokafka before sending (over max_request_size) or by the broker (over the topic's
-            # max.message.bytes): the same letter fails the same way every time, so it is no outage to wait out.
-            raise DeadLetterTooLarge(
-                f"{type(exc).__name__}: {exc}", size=letter_size(letter), limit=MAX_REQUEST_BYTES
-            ) from exc
+            # Refused by aiokafka before sending (over max_request_size): nothing left the process.
+            raise self._too_large(letter, exc) from exc
         except KafkaError as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            await ack
+        except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+            # Refused by the broker (over the topic's max.message.bytes). The idempotent producer gave that batch a
+            # sequence number, and the broker would refuse its next batch to the partition as out of order
+            # (OutOfOrderSequenceNumber, for good): a new producer, with a new producer id, starts afresh.
+            await self._renew(producer)
+            raise self._too_large(letter, exc) from exc
+        except KafkaError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _too_large(letter: DeadLetter, exc: Exception) -> DeadLetterTooLarge:
+        # The same letter fails the same way every time: no outage to wait out.
+        return DeadLetterTooLarge(f"{type(exc).__name__}: {exc}", size=letter_size(letter), limit=MAX_REQUEST_BYTES)
+
+    async def _renew(self, refused: AIOKafkaProducer) -> None:
+        """Replace `refused` (unless another send did already). Letters it still holds fail or go through; a
+        failure is retried by the writer, on the new producer."""
+        if self._producer is not refused:
+            return
+        fresh = self._build()
+        await fresh.start()
+        self._producer = fresh
+        try:
+            await refused.stop()
+        except KafkaError as exc:
+            log.warning("the refused dead-letter producer did not stop cleanly", extra={"error": str(exc)})
 
     async def partition_count(self, topic: str) -> int:
         try:

@@ -133,18 +133,23 @@ async def test_a_record_near_the_size_limit_is_dead_lettered_with_its_evidence_t
     kafka_bootstrap: str, topics: Topics, fake_apis: FakeApiServer, bridge_env: dict[str, str]
 ) -> None:
     """A record that fits its topic (the broker's default of about 1 MiB) and is refused with a long answer: with
-    its evidence the letter is over what the DLQ takes; it goes again, trimmed, instead of stopping the service."""
+    its evidence the letter is over what the DLQ takes; it goes again, trimmed, instead of stopping the service.
+    An ordinary letter goes to the same DLQ partition first and one after: the broker refusing a batch of the
+    idempotent producer would make it refuse the producer's next batches there as out of order."""
     case = next(c for c in CASES if c.endpoint == "update_log")
     topic = case.topic_of(topics)
     fake_apis.reject_when(case.endpoint, is_marked, Fault(status=422, body={"code": 422, "error": "x" * 8000}))
-    big = ENCODER.plain(case.kind, avro_io.log_update("ref-big", output="reject_me " + "x" * 1_046_000))
-    await produce(kafka_bootstrap, topic, [big], keys=[b"k-big"])
+    # One reference id: the three run in offset order (one key), and land in one partition.
+    big = ENCODER.plain(case.kind, avro_io.log_update("ref-1", output="reject_me " + "x" * 1_046_000))
+    small = [ENCODER.plain(case.kind, avro_io.log_update("ref-1", output=f"reject_me {n}")) for n in (1, 2)]
+    await produce(kafka_bootstrap, topic, [small[0], big, small[1]], keys=[b"k-big"] * 3)
     group = bridge_env["BRIDGE_KAFKA__GROUP_ID"]
     async with running_bridge(bridge_env):
         await eventually(lambda: all_committed(kafka_bootstrap, group, topic), what="all offsets committed")
 
-    (letter,) = await read_all(kafka_bootstrap, topics.dlq(topic))
-    assert letter.value == big
+    first, letter, last = await read_all(kafka_bootstrap, topics.dlq(topic))
+    assert (first.value, letter.value, last.value) == (small[0], big, small[1])
+    assert first.partition == letter.partition == last.partition
     headers = _header_map(letter.headers)
     assert headers["bridge.evidence.trimmed"] == "true"
     assert (headers["bridge.reason"], headers["bridge.http.status"]) == ("http-422", "422")

@@ -378,6 +378,9 @@ class FakeProducer:
         self.kwargs = kwargs
         self.sent: list[tuple[str, dict[str, Any]]] = []
         self.error: Exception | None = None
+        """Raised by `send` itself, as aiokafka refuses before sending."""
+        self.broker_error: Exception | None = None
+        """The acknowledgement's failure, as the broker answers."""
         self.started = self.stopped = False
 
     async def start(self) -> None:
@@ -386,11 +389,17 @@ class FakeProducer:
     async def stop(self) -> None:
         self.stopped = True
 
-    async def send_and_wait(self, topic: str, **kwargs: Any) -> None:
+    async def send(self, topic: str, **kwargs: Any) -> asyncio.Future[None]:
         assert not (kwargs["value"] is None and kwargs["key"] is None), "Need at least one: key or value"  # aiokafka
         if self.error is not None:
             raise self.error
-        self.sent.append((topic, kwargs))
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.broker_error is not None:
+            ack.set_exception(self.broker_error)
+        else:
+            self.sent.append((topic, kwargs))
+            ack.set_result(None)
+        return ack
 
     def create_batch(self) -> FakeBatch:
         return FakeBatch()
@@ -411,7 +420,8 @@ class FakeProducer:
 
 
 @pytest.fixture
-def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Callable[[], FakeProducer]:
+def made_producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
+    """Every producer built, in order."""
     made: list[FakeProducer] = []
 
     def build(**kwargs: Any) -> FakeProducer:
@@ -419,7 +429,13 @@ def fake_producer(monkeypatch: pytest.MonkeyPatch) -> Callable[[], FakeProducer]
         return made[-1]
 
     monkeypatch.setattr(clients, "AIOKafkaProducer", build)
-    return lambda: made[-1]
+    return made
+
+
+@pytest.fixture
+def fake_producer(made_producers: list[FakeProducer]) -> Callable[[], FakeProducer]:
+    """The last producer built."""
+    return lambda: made_producers[-1]
 
 
 LETTER = DeadLetter(
@@ -512,6 +528,35 @@ async def test_a_letter_too_large_is_not_an_outage(fake_producer: Callable[[], F
     assert info.value.size > 2_000_000
     # The broker's request limit: the DLQ topic's max.message.bytes decides, not a client default of 1 MiB.
     assert info.value.limit == 104_857_600 == fake_producer().kwargs["max_request_size"]
+
+
+async def test_a_letter_the_broker_refuses_as_too_large_renews_the_producer(made_producers: list[FakeProducer]) -> None:
+    """The idempotent producer gave the refused batch a sequence number, and the broker would refuse its next
+    batch to that partition as out of order, for good: a new producer (a new producer id) sends the rest."""
+    producer = KafkaDeadLetterProducer(kafka(), send_timeout_s=1.0)
+    await producer.start()
+    refused = made_producers[-1]
+    refused.broker_error = RecordTooLargeError()
+
+    with pytest.raises(DeadLetterTooLarge):
+        await producer.send(LETTER)
+    await producer.send(LETTER)
+
+    assert len(made_producers) == 2
+    assert (refused.stopped, made_producers[1].started) == (True, True)
+    assert [topic for topic, _ in made_producers[1].sent] == ["inferences.dlq"]
+
+
+async def test_a_letter_refused_before_sending_keeps_the_producer(made_producers: list[FakeProducer]) -> None:
+    producer = KafkaDeadLetterProducer(kafka(), send_timeout_s=1.0)
+    await producer.start()
+    made_producers[-1].error = MessageSizeTooLargeError()
+
+    with pytest.raises(DeadLetterTooLarge):
+        await producer.send(LETTER)
+
+    assert len(made_producers) == 1
+    assert not made_producers[0].stopped
 
 
 async def test_a_reader_reads_only_committed_records(consumer_class: Recorder) -> None:
