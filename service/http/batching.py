@@ -38,7 +38,8 @@ LinkedFlush = Callable[[Hashable, Sequence[bytes], Sequence[object]], Awaitable[
 
 
 class _Flight:
-    """A batch sent or being sent: its rows not withdrawn, and its task while it runs."""
+    """A batch sent or being sent: how many of its rows are still waiting for an outcome (neither withdrawn nor
+    settled by a part of a split batch), and its task while it runs."""
 
     __slots__ = ("live", "task")
 
@@ -153,7 +154,7 @@ class Batcher:
 
     async def _send_rows(self, key: Hashable, rows: list[_Row], flight: _Flight) -> None:
         try:
-            await self._send(key, rows)
+            await self._send(key, rows, flight)
         except asyncio.CancelledError:
             flight.task = None  # already cancelled: the rows' cancellation below must not cancel it again
             for row in rows:
@@ -162,7 +163,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001  # a bug: each row's submitter handles it as its own record's failure
             _fail(rows, exc)
 
-    async def _send(self, key: Hashable, rows: list[_Row]) -> None:
+    async def _send(self, key: Hashable, rows: list[_Row], flight: _Flight) -> None:
         if any(row.outcome.done() for row in rows):  # withdrawn since the batch closed, or since it was split
             rows = [row for row in rows if not row.outcome.done()]
             if not rows:
@@ -176,14 +177,17 @@ class Batcher:
             status = exc.evidence.status
             if len(rows) > 1 and status in SPLITTABLE_STATUSES:
                 half = len(rows) // 2
-                await self._send(key, rows[:half])
-                await self._send(key, rows[half:])
+                await self._send(key, rows[:half], flight)
+                await self._send(key, rows[half:], flight)
                 return
-            _fail(rows, exc)
+            flight.live -= _fail(rows, exc)
             return
+        settled = 0
         for row in rows:
             if not row.outcome.done():
                 row.outcome.set_result(None)
+                settled += 1
+        flight.live -= settled  # so that withdrawing the rest of a split batch gives up its remaining calls
 
     async def aclose(self) -> None:
         """Cancel batches still waiting or in flight; their rows stay uncommitted and are read again."""
@@ -197,7 +201,11 @@ class Batcher:
                 await task
 
 
-def _fail(rows: list[_Row], exc: BaseException) -> None:
+def _fail(rows: list[_Row], exc: BaseException) -> int:
+    """Fail the rows still waiting; how many they were."""
+    failed = 0
     for row in rows:
         if not row.outcome.done():
             row.outcome.set_exception(exc)
+            failed += 1
+    return failed

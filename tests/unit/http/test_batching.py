@@ -207,3 +207,31 @@ async def test_a_batch_in_flight_whose_rows_are_all_withdrawn_is_cancelled() -> 
     rows[1].cancel()
 
     await asyncio.wait_for(cancelled.wait(), 10)
+
+
+async def test_withdrawing_the_rows_a_split_left_waiting_cancels_their_call() -> None:
+    """A 400 splits a batch; one half is delivered, the other's call hangs (an outage); a revoke withdraws the two
+    rows still waiting: that call must be given up, though half of its batch was settled."""
+    hung, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def flush(key: Hashable, rows: Sequence[bytes]) -> None:
+        if len(rows) == 4:
+            raise RejectedError("bad", HttpEvidence(method="POST", url="http://api/x", status=400))
+        if rows[0] == b"a":
+            return  # the first half is delivered
+        hung.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    batcher = Batcher(flush, max_rows=4, max_bytes=10_000, linger_s=10)
+    rows = [batcher.add("k", body) for body in (b"a", b"b", b"c", b"d")]
+    await asyncio.wait_for(hung.wait(), 10)
+    assert [row.done() for row in rows] == [True, True, False, False]
+
+    rows[2].cancel()
+    rows[3].cancel()
+
+    await asyncio.wait_for(cancelled.wait(), 10)
