@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from opentelemetry.trace import Span
 
@@ -321,7 +321,11 @@ class Delivery:
                 "status": status,
                 "attempt": call.attempt,
                 # Where a redirect points: a base URL that moved says so here.
-                **({"location": response.headers["location"]} if "location" in response.headers else {}),
+                **(
+                    {"location": _without_secrets(response.headers["location"])}
+                    if "location" in response.headers
+                    else {}
+                ),
                 **log_fields(call.trace),
             },
         )
@@ -421,3 +425,14 @@ class Delivery:
             evidence,
             reason=reason,
         )
+
+
+def _without_secrets(url: str) -> str:
+    """A URL with what may carry a credential left out (userinfo, query, fragment): a redirect to a sign-in page
+    or a signed URL would otherwise put a token in the logs, which the redactor does not know."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

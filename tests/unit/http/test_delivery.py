@@ -462,14 +462,15 @@ async def test_x_should_retry_true_retries_a_400() -> None:
 async def test_a_redirect_is_not_followed_and_waited_out_not_dead_lettered(caplog: pytest.LogCaptureFixture) -> None:
     # Following it would hand the API key to whatever host the Location names; it says nothing about the record
     # (a base URL that moved, a maintenance page), so it is retried as an outage is, its Location in the log.
-    h = harness(status(302, {"location": "https://elsewhere.test/steal"}), ok())
+    # Its query and userinfo are left out of the log: a signed URL or a sign-in page's token is no one's business.
+    h = harness(status(302, {"location": "https://u:pw@elsewhere.test:8443/steal?token=t0k3n#x"}), ok())
 
     report = await h.deliver(req(PUBLISH))
 
     assert report == DeliveryReport(status=200, attempts=2)
     assert [r.url.host for r in h.wire.requests] == ["openlayer.test", "openlayer.test"]
     [line] = [r for r in caplog.records if r.getMessage() == "retryable status, will retry"]
-    assert (line.status, line.location) == (302, "https://elsewhere.test/steal")  # type: ignore[attr-defined]
+    assert (line.status, line.location) == (302, "https://elsewhere.test:8443/steal")  # type: ignore[attr-defined]
 
 
 # --- 409 --------------------------------------------------------------------------------------------------------
