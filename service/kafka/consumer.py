@@ -12,6 +12,7 @@ keeps polling, so the member stays in its group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -95,6 +96,8 @@ class ConsumerLoop:
         self.room = asyncio.Event()
         """Set when a partition left out of polls for a full backlog has room again."""
         self._releasing: set[TopicPartition] = set()
+        # Partitions a release is draining, with what is set when it committed (see `release`).
+        self._draining: dict[TopicPartition, asyncio.Event] = {}
         """Partitions given up (a revoke, a stop) and not assigned again: records a poll returns for them were
         fetched before, and belong to whoever is assigned the partition next (reading from its last commit)."""
 
@@ -247,17 +250,34 @@ class ConsumerLoop:
         # while they drain, and a worker made for them would run them and later commit past the drained ones.
         self._releasing.update(partitions)
         workers = {tp: self._workers.pop(tp) for tp in partitions if tp in self._workers}
-        if not workers:
-            return
         s = self._settings
         timeout_s = s.revoke_drain_timeout_s if revoke and s.revoke_drain_timeout_s is not None else s.drain_timeout_s
-        await asyncio.gather(*(w.stop(timeout_s) for w in workers.values()))
-        await self._commit(workers)
-        for tp in workers:
-            self._committed.pop(tp, None)
-            self._paused.discard(tp)
-            # A partition we no longer own must not keep reporting a stale lag.
-            self._instrumentation.forget_partition(tp.topic, tp.partition)
+        # Partitions another release is draining: a stop's, when another member leaving rebalances the group
+        # meanwhile. The revoke waits for that drain's commit (within its own bound): had it returned at once, the
+        # group would hand the partitions on mid-drain, the drain's commit would be skipped as no longer ours, and
+        # their next owner would deliver again what the drain finished.
+        others = {self._draining[tp] for tp in partitions if tp in self._draining}
+        if workers:
+            committed = asyncio.Event()
+            for tp in workers:
+                self._draining[tp] = committed
+            try:
+                await asyncio.gather(*(w.stop(timeout_s) for w in workers.values()))
+                await self._commit(workers)
+            finally:
+                for tp in workers:
+                    if self._draining.get(tp) is committed:
+                        del self._draining[tp]
+                committed.set()
+            for tp in workers:
+                self._committed.pop(tp, None)
+                self._paused.discard(tp)
+                # A partition we no longer own must not keep reporting a stale lag.
+                self._instrumentation.forget_partition(tp.topic, tp.partition)
+        if others:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s + s.commit_timeout_s):
+                    await asyncio.gather(*(event.wait() for event in others))
 
     async def _commit(self, workers: Mapping[TopicPartition, PartitionWorker]) -> None:
         owned = self._consumer.assignment()

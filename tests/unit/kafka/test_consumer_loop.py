@@ -563,6 +563,38 @@ async def test_a_revoke_commits_the_revoked_partitions_prefix_cancels_the_rest_a
     assert bench.loop.committed == {TP: 2, TP1: 5}
 
 
+async def test_a_revoke_during_a_stops_drain_waits_for_it_so_its_commit_is_made_while_the_partition_is_ours(
+    benches: Benches,
+) -> None:
+    """Another member leaving rebalances the group while this one drains for its own stop: the revoke found the
+    stop's workers gone and returned at once, the partition moved on, and the drain's commit was skipped as no
+    longer ours, so its next owner delivered again what the drain had finished (make chaos rebalance, once)."""
+    consumer, outcomes = FakeConsumer(TP), Outcomes(held=[(TP, 1)])
+    consumer.feed(TP, 0, 3)
+    bench = benches(consumer, outcomes, drain_timeout_s=10.0, revoke_drain_timeout_s=10.0)
+    await consumer.until(lambda: outcomes.started(TP) == 3)
+    await bench.tick(60.0)  # the done prefix before the stop: offset 0
+    await consumer.until(lambda: consumer.commits == [{TP: 1}])
+
+    bench.stop.set()  # SIGTERM: the stop drains the partition (offset 1 is still in flight)
+    await consumer.until(lambda: bench.health.stopping)  # its poll ended: the stop's drain has begun
+    await _loop_turns(10)
+    revoking = asyncio.create_task(consumer.revoke(TP))  # meanwhile the group rebalances
+    await _loop_turns(10)  # a revoke that does not wait has returned by now
+    assert not revoking.done(), "the revoke waits for the stop's drain of its partition"
+    outcomes.settle(TP, [1])
+
+    await asyncio.wait_for(revoking, 10)
+    assert consumer.commits == [{TP: 1}, {TP: 3}], "the drain's commit, made before the partition moved on"
+    await asyncio.wait_for(bench.running, 10)
+
+
+async def _loop_turns(count: int) -> None:
+    """`count` turns of the event loop: what is ready to run has run (no time passes)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def test_records_of_a_revoked_partition_that_had_not_started_never_start(benches: Benches) -> None:
     consumer, outcomes = FakeConsumer(TP), Outcomes(held=[(TP, 0)])
     consumer.feed(TP, 0, 3)
