@@ -205,23 +205,15 @@ class KafkaDeadLetterProducer:
     async def send(self, letter: DeadLetter) -> None:
         producer = self._producer
         try:
-            if letter.key is None and letter.value is None:
-                ack = await send_keyless_empty(
-                    producer,
-                    letter.topic,
-                    partition=letter.partition,
-                    timestamp_ms=letter.timestamp_ms,
-                    headers=list(letter.headers),
-                )
-            else:
-                ack = await producer.send(
-                    letter.topic,
-                    value=letter.value,
-                    key=letter.key,
-                    partition=letter.partition,
-                    timestamp_ms=letter.timestamp_ms,
-                    headers=list(letter.headers),
-                )
+            ack = await queue_record(
+                producer,
+                letter.topic,
+                key=letter.key,
+                value=letter.value,
+                partition=letter.partition,
+                timestamp_ms=letter.timestamp_ms,
+                headers=list(letter.headers),
+            )
         except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
             # Refused by aiokafka before sending (over max_request_size): nothing left the process.
             raise self._too_large(letter, exc) from exc
@@ -270,26 +262,34 @@ def letter_size(letter: DeadLetter) -> int:
     return size
 
 
-async def send_keyless_empty(
+async def queue_record(
     producer: AIOKafkaProducer,
     topic: str,
     *,
+    key: bytes | None,
+    value: bytes | None,
     partition: int | None,
     timestamp_ms: int,
     headers: list[tuple[str, bytes | None]],
 ) -> asyncio.Future[Any]:
-    """Queue a record with neither key nor value, which Kafka accepts and a source topic may hold; returns the
-    broker's acknowledgement to await, as `AIOKafkaProducer.send` does.
+    """Queue a record as it was (a dead letter, a replay); returns the broker's acknowledgement to await, as
+    `AIOKafkaProducer.send` does.
 
-    aiokafka's `send` refuses one (`assert not (value is None and key is None)`); a batch of one record does not,
-    and the record stays as it was (a null value, not an empty one). A batch needs a partition: a keyless record
-    has no order to keep, so when none is given the topic's first partition does.
+    aiokafka's `send` refuses a record with neither key nor value (`assert not (value is None and key is None)`),
+    which Kafka accepts and a source topic may hold; a batch of one record does not, and the record stays as it
+    was (a null value, not an empty one). A batch needs a partition: a keyless record has no order to keep, so when
+    none is given the topic's first partition does.
     """
+    if key is not None or value is not None:
+        ack: asyncio.Future[Any] = await producer.send(
+            topic, value=value, key=key, partition=partition, timestamp_ms=timestamp_ms, headers=headers
+        )
+        return ack
     if partition is None:
         partition = min(await producer.partitions_for(topic))
     batch = producer.create_batch()
     if batch.append(key=None, value=None, timestamp=timestamp_ms, headers=headers) is None:
         # Only a closed batch refuses its first record, whatever its size; said as aiokafka says a refusal.
         raise RecordTooLargeError("a record with no key and no value did not fit an empty batch")
-    ack: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
-    return ack
+    queued: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return queued

@@ -28,7 +28,7 @@ from service.kafka.clients import (
     build_durable_producer,
     build_reader,
     list_partition_counts,
-    send_keyless_empty,
+    queue_record,
     to_source_record,
 )
 from service.tools.cli import describe_error, kafka_errors
@@ -248,24 +248,15 @@ class _Replayer:
             self._out(f"would replay {where} -> {target} {decision.detail} {REPLAY_COUNT_HEADER}={replay.count}")
             return _Done(tp, letter)
         with _kafka_errors(f"cannot replay {where} to {target}"):
-            ack: asyncio.Future[Any]
-            if replay.key is None and replay.value is None:  # aiokafka's send refuses one, a batch does not
-                ack = await send_keyless_empty(
-                    producer,
-                    replay.topic,
-                    partition=partition,
-                    timestamp_ms=replay.timestamp_ms,
-                    headers=list(replay.headers),
-                )
-            else:
-                ack = await producer.send(
-                    replay.topic,
-                    value=replay.value,
-                    key=replay.key,
-                    partition=partition,
-                    timestamp_ms=replay.timestamp_ms,
-                    headers=list(replay.headers),
-                )
+            ack = await queue_record(
+                producer,
+                replay.topic,
+                key=replay.key,
+                value=replay.value,
+                partition=partition,
+                timestamp_ms=replay.timestamp_ms,
+                headers=list(replay.headers),
+            )
         return _Done(tp, letter, ack, target, replay.count)
 
     async def _settle(self, consumer: AIOKafkaConsumer, done: list[_Done]) -> None:
